@@ -1,0 +1,365 @@
+"""Configuration of the dataset stage and the trainer.
+
+Every field carries a help text (shown by ``sdloop train --help-config`` and written beside each run), and every
+``__post_init__`` names the bad field and the range it accepts, so a typo in a YAML file fails before any model loads.
+The defaults are a sound SD-1.5 LoRA recipe; the tiny offline base and the demo override only sizes and step counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and what it accepts."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text in its metadata."""
+    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: {allowed}.")
+
+
+def workspace_home() -> Path:
+    """The workspace root: ``$SDLOOP_HOME`` or ``./sdloop-home``; runs, caches, stores live under it."""
+    return Path(os.environ.get("SDLOOP_HOME", "sdloop-home")).expanduser()
+
+
+@dataclass
+class DataConfig:
+    """How a dataset folder is read, checked, de-duplicated and split."""
+
+    caption_column: str = _f("text", "Caption column in metadata.jsonl (HF imagefolder format).")
+    caption_extension: str = _f(".txt", "Extension of same-stem caption files (kohya format).")
+    min_side: int = _f(64, "Images whose shorter side is below this many pixels are skipped.")
+    max_aspect_ratio: float = _f(4.0, "Images whose long/short side ratio exceeds this are skipped.")
+    max_pixels: int = _f(
+        89_478_485, "Images with more pixels than this are treated as decompression bombs and skipped."
+    )
+    near_duplicate_distance: int = _f(
+        4, "Perceptual-hash Hamming distance (of 64 bits) at or below which two images are near-duplicates."
+    )
+    split_guard_distance: int = _f(
+        10, "Images this close (pHash distance) are kept on the same side of the train/validation split."
+    )
+    validation_split: float = _f(0.1, "Fraction of items held out for validation (0 disables validation).")
+    min_validation_items: int = _f(1, "At least this many validation items when validation_split > 0.")
+    split_seed: int = _f(0, "Seed of the deterministic train/validation split.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.caption_column), "data.caption_column", self.caption_column, "a non-empty column name")
+        _check(self.caption_extension.startswith("."), "data.caption_extension", self.caption_extension,
+               "an extension starting with '.', e.g. '.txt'")
+        _check(1 <= self.min_side <= 8192, "data.min_side", self.min_side, "an integer in [1, 8192]")
+        _check(self.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", self.max_aspect_ratio, "a number >= 1")
+        _check(self.max_pixels >= 1, "data.max_pixels", self.max_pixels, "a positive integer")
+        _check(0 <= self.near_duplicate_distance <= 32, "data.near_duplicate_distance",
+               self.near_duplicate_distance, "an integer in [0, 32]")
+        _check(0 <= self.split_guard_distance <= 32, "data.split_guard_distance", self.split_guard_distance,
+               "an integer in [0, 32]")
+        _check(0.0 <= self.validation_split < 1.0, "data.validation_split", self.validation_split,
+               "a fraction in [0, 1)")
+        _check(self.min_validation_items >= 0, "data.min_validation_items", self.min_validation_items,
+               "an integer >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    """Image and caption augmentations; each has its own probability and strength."""
+
+    crop_p: float = _f(0.0, "Probability of a random resized crop (otherwise a centre crop).")
+    crop_scale_min: float = _f(0.8, "Smallest area fraction kept by the random resized crop.")
+    flip_p: float = _f(0.0, "Probability of a horizontal flip (off by default: it mirrors text and asymmetric "
+                            "subjects).")
+    rotation_p: float = _f(0.0, "Probability of a small rotation.")
+    rotation_degrees: float = _f(5.0, "Largest rotation angle in degrees (either direction).")
+    color_p: float = _f(0.0, "Probability of colour jitter.")
+    brightness: float = _f(0.1, "Colour jitter: largest relative brightness change.")
+    contrast: float = _f(0.1, "Colour jitter: largest relative contrast change.")
+    saturation: float = _f(0.1, "Colour jitter: largest relative saturation change.")
+    hue: float = _f(0.02, "Colour jitter: largest hue shift, as a fraction of the colour wheel (<= 0.5).")
+    caption_dropout_p: float = _f(0.0, "Probability of training on the empty caption (helps classifier-free "
+                                       "guidance).")
+    shuffle_tags: bool = _f(False, "Shuffle comma-separated tags of the caption (kohya's shuffle_caption).")
+    keep_tokens: int = _f(1, "When shuffling, keep the first N tags in place (kohya's keep_tokens).")
+    tag_separator: str = _f(",", "Separator of tags in a caption.")
+    variants: int = _f(1, "Augmented variants cached per image (K): each epoch draws one of them.")
+    bucketing: bool = _f(True, "Aspect-ratio bucketing: batches of equal-size buckets, no distortion.")
+    bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels (8 is the VAE's minimum).")
+    bucket_max_aspect: float = _f(2.0, "Largest aspect ratio of a bucket.")
+    balanced_sampling: bool = _f(False, "Weight items against over-represented caption terms.")
+    seed: int = _f(0, "Seed of augmentation draws: the same seed gives the same sample at the same step.")
+
+    def __post_init__(self) -> None:
+        for name in ("crop_p", "flip_p", "rotation_p", "color_p", "caption_dropout_p"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"augment.{name}", v, "a probability in [0, 1]")
+        _check(0.05 <= self.crop_scale_min <= 1.0, "augment.crop_scale_min", self.crop_scale_min,
+               "a fraction in [0.05, 1]")
+        _check(0.0 <= self.rotation_degrees <= 45.0, "augment.rotation_degrees", self.rotation_degrees,
+               "degrees in [0, 45]")
+        for name in ("brightness", "contrast", "saturation"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"augment.{name}", v, "a strength in [0, 1]")
+        _check(0.0 <= self.hue <= 0.5, "augment.hue", self.hue, "a hue shift in [0, 0.5]")
+        _check(self.keep_tokens >= 0, "augment.keep_tokens", self.keep_tokens, "an integer >= 0")
+        _check(bool(self.tag_separator), "augment.tag_separator", self.tag_separator, "a non-empty string")
+        _check(1 <= self.variants <= 64, "augment.variants", self.variants, "an integer in [1, 64]")
+        _check(self.bucket_step >= 8 and self.bucket_step % 8 == 0, "augment.bucket_step", self.bucket_step,
+               "a multiple of 8, at least 8")
+        _check(1.0 <= self.bucket_max_aspect <= 4.0, "augment.bucket_max_aspect", self.bucket_max_aspect,
+               "a ratio in [1, 4]")
+
+    def image_settings(self) -> dict[str, Any]:
+        """The settings that change cached latents (caption-only settings excluded), for cache keys."""
+        keys = ("crop_p", "crop_scale_min", "flip_p", "rotation_p", "rotation_degrees", "color_p", "brightness",
+                "contrast", "saturation", "hue", "variants", "bucketing", "bucket_step", "bucket_max_aspect", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    def caption_settings(self) -> dict[str, Any]:
+        """The settings that change cached text embeddings, for cache keys."""
+        keys = ("shuffle_tags", "keep_tokens", "tag_separator", "variants", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+
+
+@dataclass
+class TrainConfig:
+    """A LoRA fine-tuning run. Defaults: a sound SD-1.5 recipe at 512 px on one GPU."""
+
+    base: str = _f("", "Base pipeline: a local diffusers folder or a hub id (e.g. runwayml/stable-diffusion-v1-5).")
+    data: str = _f("", "Dataset folder (imagefolder + metadata.jsonl, or images + .txt captions).")
+    output: str = _f("", "Run folder to write (config, metrics, LoRA files, checkpoints, samples).")
+    resolution: int = _f(512, "Training resolution in pixels (the bucket area is resolution^2).")
+    batch_size: int = _f(4, "Images per optimizer micro-step (per process).")
+    gradient_accumulation: int = _f(1, "Micro-steps per optimizer step.")
+    max_steps: int = _f(0, "Optimizer steps to train; 0 means derive from epochs.")
+    epochs: int = _f(10, "Passes over the training split (used when max_steps is 0).")
+    learning_rate: float = _f(1e-4, "Peak AdamW learning rate of the LoRA parameters.")
+    text_encoder_lr: float = _f(5e-5, "Learning rate of text-encoder LoRA parameters (when trained).")
+    lr_scheduler: str = _f("cosine", f"Learning-rate schedule, one of {LR_SCHEDULERS}.")
+    warmup_steps: int = _f(0, "Linear warm-up steps; 0 derives 5% of the run.")
+    weight_decay: float = _f(1e-2, "AdamW decoupled weight decay on LoRA weights (regularisation).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = _f(False, "Use bitsandbytes' 8-bit AdamW (GPU; needs bitsandbytes installed).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    rank: int = _f(16, "LoRA rank r.")
+    alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch (regularisation).")
+    target_modules: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
+    train_text_encoder: bool = _f(False, "Also train LoRA adapters on the text encoder(s).")
+    text_encoder_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
+                                           "Text-encoder modules that get LoRA adapters.")
+    mixed_precision: str = _f("no", f"Autocast precision, one of {MIXED_PRECISION} (bf16/fp16 need a GPU).")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory in the UNet.")
+    prediction_type: str = _f("auto", f"Loss target, one of {PREDICTION_TYPES}; auto follows the scheduler.")
+    snr_gamma: float = _f(5.0, "Min-SNR-gamma loss weighting (Hang et al. 2023); 0 disables it.")
+    noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0 disables it.")
+    ema: bool = _f(False, "Keep an exponential moving average of the LoRA weights; it is evaluated and saved.")
+    ema_decay: float = _f(0.999, "EMA decay per optimizer step.")
+    validation_every: int = _f(100, "Evaluate the validation loss every N optimizer steps (and at the end).")
+    validation_timesteps: int = _f(8, "Fixed timesteps per validation item (spread over the schedule).")
+    early_stopping_patience: int = _f(5, "Stop after this many validations without improvement; 0 disables.")
+    early_stopping_min_delta: float = _f(0.0, "Improvement smaller than this does not reset the patience.")
+    sample_every: int = _f(0, "Write a sample grid every N steps; 0 means at each validation.")
+    sample_prompts: list = _f([], "Prompts of the sample grid; empty takes the first validation captions.")
+    sample_seeds: list = _f([0, 1], "Seeds of the sample grid (one column each).")
+    sample_steps: int = _f(25, "Inference steps of the sample grid.")
+    checkpoint_every: int = _f(0, "Write a resumable checkpoint every N steps; 0 means at each validation.")
+    keep_checkpoints: int = _f(2, "Keep the last K checkpoints (the best is always kept).")
+    use_cache: bool = _f(True, "Train from latent and text-embedding caches (VAE and text encoder run once).")
+    num_workers: int = _f(0, "DataLoader workers when training without caches.")
+    seed: int = _f(0, "Seed of noise, timesteps, data order and augmentation.")
+    data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset stage settings."})
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Augmentation settings."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data_config, dict):
+            self.data_config = DataConfig(**self.data_config)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        _check(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", self.resolution,
+               "a multiple of 8, at least 8")
+        _check(1 <= self.batch_size <= 1024, "batch_size", self.batch_size, "an integer in [1, 1024]")
+        _check(self.gradient_accumulation >= 1, "gradient_accumulation", self.gradient_accumulation,
+               "an integer >= 1")
+        _check(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0")
+        _check(self.epochs >= 1 or self.max_steps > 0, "epochs", self.epochs, "an integer >= 1 (or set max_steps)")
+        _check(0.0 < self.learning_rate <= 1.0, "learning_rate", self.learning_rate, "a number in (0, 1]")
+        _check(0.0 < self.text_encoder_lr <= 1.0, "text_encoder_lr", self.text_encoder_lr, "a number in (0, 1]")
+        _check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", self.lr_scheduler, f"one of {LR_SCHEDULERS}")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0.0 <= self.weight_decay <= 1.0, "weight_decay", self.weight_decay, "a number in [0, 1]")
+        _check(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", self.adam_beta1, "a number in [0, 1)")
+        _check(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", self.adam_beta2, "a number in [0, 1)")
+        _check(self.adam_epsilon > 0, "adam_epsilon", self.adam_epsilon, "a positive number")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a number >= 0")
+        _check(1 <= self.rank <= 1024, "rank", self.rank, "an integer in [1, 1024]")
+        _check(self.alpha > 0, "alpha", self.alpha, "a positive number")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
+        _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+               "target_modules", self.target_modules, "a non-empty list of module names")
+        _check(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
+               f"one of {MIXED_PRECISION}")
+        _check(self.prediction_type in PREDICTION_TYPES, "prediction_type", self.prediction_type,
+               f"one of {PREDICTION_TYPES}")
+        _check(self.snr_gamma >= 0, "snr_gamma", self.snr_gamma, "a number >= 0 (0 disables)")
+        _check(0.0 <= self.noise_offset <= 1.0, "noise_offset", self.noise_offset, "a number in [0, 1]")
+        _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        _check(self.validation_every >= 1, "validation_every", self.validation_every, "an integer >= 1")
+        _check(1 <= self.validation_timesteps <= 1000, "validation_timesteps", self.validation_timesteps,
+               "an integer in [1, 1000]")
+        _check(self.early_stopping_patience >= 0, "early_stopping_patience", self.early_stopping_patience,
+               "an integer >= 0 (0 disables)")
+        _check(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", self.early_stopping_min_delta,
+               "a number >= 0")
+        _check(self.sample_every >= 0, "sample_every", self.sample_every, "an integer >= 0")
+        _check(all(isinstance(s, int) for s in self.sample_seeds), "sample_seeds", self.sample_seeds,
+               "a list of integers")
+        _check(1 <= self.sample_steps <= 1000, "sample_steps", self.sample_steps, "an integer in [1, 1000]")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+    # -- serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a (possibly partial, possibly nested) mapping; unknown keys are named in the error."""
+        return build_dataclass(cls, values, prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist.")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys to values.")
+        return cls.from_dict(values)
+
+
+_NESTED = {"data_config": DataConfig, "augment": AugmentConfig}
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate a config dataclass from a mapping, naming unknown keys and coercing nested mappings."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"known keys: {', '.join(sorted(names))}.")
+    kwargs: dict[str, Any] = {}
+    for k, v in values.items():
+        if k in _NESTED and isinstance(v, dict):
+            v = build_dataclass(_NESTED[k], v, prefix=f"{prefix}{k}.")
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a wrong type that the checks could not compare
+        raise ConfigError(f"bad config value: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line override value with YAML rules (numbers, booleans, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` or ``section.key=value`` overrides (any config key) to a mapping, returning a copy."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. augment.flip_p=0.5).")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        parts = key.split(".")
+        if parts[0] == "data" and len(parts) > 1:  # `data.x` is the friendlier spelling of `data_config.x`
+            parts[0] = "data_config"
+        target = out
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section.")
+        target[parts[-1]] = parse_value(raw)
+    return out
+
+
+def field_help(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) for each field, nested sections flattened, for ``--help-config``."""
+    rows: list[tuple[str, Any, str]] = []
+    inst = cls() if cls is not TrainConfig else TrainConfig()
+    for f in dataclasses.fields(cls):
+        if f.name in _NESTED:
+            for name, default, text in field_help(_NESTED[f.name]):
+                rows.append((f"{f.name}.{name}", default, text))
+        else:
+            rows.append((f.name, getattr(inst, f.name), f.metadata.get("help", "")))
+    return rows
+
+
+def tiny_overrides() -> dict[str, Any]:
+    """Settings that fit the tiny offline base and 2 CPU cores (demo and tests)."""
+    return {
+        "resolution": 64, "batch_size": 4, "rank": 4, "alpha": 4.0, "learning_rate": 1e-3, "max_steps": 60,
+        "validation_every": 10, "sample_steps": 8, "lr_scheduler": "cosine", "warmup_steps": 5,
+        "early_stopping_patience": 3, "augment": {"bucket_step": 8, "variants": 2, "flip_p": 0.5},
+    }
+
+
+@dataclass
+class SearchSpace:
+    """Ranges of the hyperparameter search (log-uniform for rates)."""
+
+    learning_rate: tuple = _f((1e-5, 1e-3), "Learning-rate range (log-uniform).")
+    rank: list = _f([4, 8, 16, 32], "Ranks to try.")
+    lora_dropout: tuple = _f((0.0, 0.3), "LoRA dropout range.")
+    weight_decay: tuple = _f((1e-4, 1e-1), "Weight-decay range (log-uniform).")
+    batch_size: list = _f([1, 2, 4], "Batch sizes to try.")
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "lora_dropout", "weight_decay"):
+            v = tuple(getattr(self, name))
+            _check(len(v) == 2 and v[0] <= v[1], f"search.{name}", v, "a [low, high] pair with low <= high")
+            setattr(self, name, v)
+        _check(0 < self.learning_rate[0], "search.learning_rate", self.learning_rate, "positive bounds")
+        _check(0 < self.weight_decay[0], "search.weight_decay", self.weight_decay, "positive bounds (log scale)")
+        _check(0 <= self.lora_dropout[0] and self.lora_dropout[1] < 1, "search.lora_dropout", self.lora_dropout,
+               "bounds in [0, 1)")
+        _check(bool(self.rank) and all(int(r) >= 1 for r in self.rank), "search.rank", self.rank,
+               "a non-empty list of positive integers")
+        _check(bool(self.batch_size) and all(int(b) >= 1 for b in self.batch_size), "search.batch_size",
+               self.batch_size, "a non-empty list of positive integers")
+
+
+def optional_path(value: Optional[str]) -> Optional[Path]:
+    return Path(value) if value else None

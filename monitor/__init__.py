@@ -1,0 +1,1 @@
+"""The monitoring stage: Evidently reports, retraining policy and scheduler (later issue)."""

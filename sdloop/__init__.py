@@ -1,0 +1,1 @@
+"""The sdloop command line: wires the stages of the loop."""
