@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny offline base and a synthetic dataset, built once per test session.
+
+Tests run offline (HF_HUB_OFFLINE=1) and on 2 CPU cores; every model is the tiny base built here in code.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD-1.x pipeline folder in diffusers format (random weights, seed 0)."""
+    from finetune.base import write_tiny_base
+
+    return write_tiny_base(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24-image captioned synthetic dataset (imagefolder + metadata.jsonl), seed 0. Treat it as read-only."""
+    from finetune.synth import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", n=24, seed=0)
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh $SDLOOP_HOME for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SDLOOP_HOME", str(home))
+    return home
