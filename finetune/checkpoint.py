@@ -1,0 +1,109 @@
+"""Resumable checkpoints, written atomically, as safetensors and JSON only (no pickles).
+
+A checkpoint is a folder ``checkpoints/step_000120/`` holding the trainable weights, the EMA copy, the optimizer
+state flattened to tensors, and ``state.json`` (step, data position, early-stopping state, LR-scheduler state). It is
+built in a hidden temp folder and renamed into place, so a run killed at any moment (SIGKILL included) leaves only
+complete checkpoints behind; the newest complete one is where ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, lr_scheduler: Any, state: dict[str, Any],
+                    ema: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write ``ckpt_root/step_NNNNNN`` atomically and return it."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=ckpt_root))
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", opt_meta)
+        _write_json(tmp / "lr_scheduler.json", lr_scheduler.state_dict())
+        _write_json(tmp / STATE_FILE, {**state, "step": step})
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # an older checkpoint of the same step (a rerun): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders of a killed write are ignored)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def clean_partial(ckpt_root: Path) -> None:
+    """Remove temp folders a killed run left behind (never complete checkpoints)."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler: Any
+                    ) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Restore optimizer and scheduler in place; return (weights, ema or None, training state)."""
+    weights = load_file(str(path / "weights.safetensors"))
+    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+    opt_meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), opt_meta))
+    lr_scheduler.load_state_dict(json.loads((path / "lr_scheduler.json").read_text()))
+    state = json.loads((path / STATE_FILE).read_text())
+    return weights, ema, state
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int, protect_step: Optional[int]) -> None:
+    """Keep the newest ``keep_last`` checkpoints and the one of ``protect_step`` (the best); delete the rest."""
+    ckpts = list_checkpoints(ckpt_root)
+    keep = set(ckpts[-keep_last:])
+    for p in ckpts:
+        if p not in keep and int(p.name.split("_")[1]) != protect_step:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""LoRA adapters: attach them with peft, and read/write them as safetensors in two standard layouts.
+
+- diffusers layout (``pytorch_lora_weights.safetensors``): ``unet.``/``text_encoder.`` prefixed peft keys plus the
+  ``lora_adapter_metadata`` JSON that stock ``pipe.load_lora_weights(dir)`` reads to restore rank and alpha.
+- kohya layout (``lora_kohya.safetensors``): ``lora_unet_<module_path>.lora_down/lora_up.weight`` and ``.alpha``,
+  which AUTOMATIC1111, ComfyUI and kohya sd-scripts read (for SD 1.x/2.x the UNet keys use diffusers module names,
+  the text encoder keys start with ``lora_te_``).
+
+Only safetensors are written or read: no pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+ADAPTER = "default"
+
+
+def lora_config(rank: int, alpha: float, dropout: float, target_modules: list[str]) -> Any:
+    """The peft LoraConfig sdloop trains with (gaussian init of A, zeros for B, as the diffusers scripts do)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                      target_modules=list(target_modules))
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> None:
+    """Attach a trainable LoRA adapter to a diffusers or transformers model in place; base weights stay frozen."""
+    config = lora_config(rank, alpha, dropout, target_modules)
+    if hasattr(model, "add_adapter"):
+        try:
+            model.add_adapter(config)
+        except ValueError as e:  # peft names the modules it could not find
+            raise ValueError(f"cannot add LoRA to {type(model).__name__}: {e}. "
+                             "Check target_modules (e.g. to_q,to_k,to_v,to_out.0 for a UNet).") from None
+    else:  # pragma: no cover - every supported model has add_adapter
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of a model, in a stable order."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft key form (``...to_q.lora_A.weight``), detached fp32 copies on CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+
+def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy peft-form adapter weights back into a model that already carries the adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"{len(missing)} LoRA tensors did not match the model, e.g. {missing[0]}.")
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
+                            ) -> None:
+    """Write a safetensors file so that a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _peft_meta(prefix: str, rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
+    return {f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha, f"{prefix}.target_modules": sorted(target_modules),
+            f"{prefix}.lora_dropout": 0.0, f"{prefix}.use_dora": False, f"{prefix}.init_lora_weights": "gaussian"}
+
+
+def save_diffusers_lora(path: Path, unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
+                        rank: int, alpha: float, unet_targets: list[str], text_targets: list[str],
+                        extra_metadata: dict[str, Any]) -> None:
+    """Write the diffusers layout that ``StableDiffusionPipeline.load_lora_weights`` reads as it is."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    tensors = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(unet_sd).items()}
+    adapter_meta = _peft_meta("unet", rank, alpha, unet_targets)
+    if text_encoder_sd:
+        tensors.update({f"text_encoder.{k}": v for k, v in convert_state_dict_to_diffusers(text_encoder_sd).items()})
+        adapter_meta.update(_peft_meta("text_encoder", rank, alpha, text_targets))
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_meta, sort_keys=True)}
+    metadata.update({f"sdloop.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in extra_metadata.items()})
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+def to_kohya(unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
+             alpha: float) -> dict[str, torch.Tensor]:
+    """Rename peft keys to kohya's: module path with '_' for '.', lora_A -> lora_down, lora_B -> lora_up, + alpha."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sd in (("lora_unet", unet_sd), ("lora_te", text_encoder_sd or {})):
+        for key, value in sd.items():
+            if ".lora_A." in key:
+                module, kind = key.split(".lora_A.")[0], "lora_down"
+            elif ".lora_B." in key:
+                module, kind = key.split(".lora_B.")[0], "lora_up"
+            else:
+                raise ValueError(f"unexpected LoRA key {key!r}: only plain LoRA (A/B) weights can be converted.")
+            name = f"{prefix}_{module.replace('.', '_')}"
+            out[f"{name}.{kind}.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_kohya_lora(path: Path, unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
+                    rank: int, alpha: float, extra_metadata: dict[str, Any]) -> None:
+    """Write the kohya / A1111 / ComfyUI layout, with the ss_* metadata those tools display."""
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+                "ss_base_model_version": "sd_v1", "ss_sd_model_name": str(extra_metadata.get("base_model", "")),
+                "ss_steps": str(extra_metadata.get("steps", "")), "format": "pt"}
+    metadata.update({f"sdloop.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in extra_metadata.items()})
+    atomic_save_safetensors(to_kohya(unet_sd, text_encoder_sd, alpha), path, metadata)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and metadata of a safetensors file."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
