@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     sample_every = cfg.sample_every or validation_every
     if step == 0 and main and val_items:  # the base model's level: the curve starts where training starts
         v0 = evaluate()
-        _jsonl_append(metrics_path, {"step": 0, "val_loss": v0, "epoch": 0})
+        _jsonl_append(metrics_path, {"step": 0, "val_loss": v0, "epoch": 0, "wall": round(time.time() - t_start, 3)})
         if tb:
             tb.add_scalar("loss/val", v0, 0)
     elif step == 0 and val_items:
@@ -440,7 +440,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         losses_since_eval.append(step_loss)
         lr = lr_scheduler.get_last_lr()[0]
         if main:
-            _jsonl_append(metrics_path, {"step": step, "train_loss": step_loss, "lr": lr, "epoch": state["epoch"]})
+            _jsonl_append(metrics_path, {"step": step, "train_loss": step_loss, "lr": lr, "epoch": state["epoch"],
+                                         "wall": round(time.time() - t_start, 3)})
             if tb:
                 tb.add_scalar("loss/train", step_loss, step)
                 tb.add_scalar("lr", lr, step)
@@ -461,7 +462,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             if main:
                 _jsonl_append(metrics_path, {"step": step, "val_loss": val, "train_loss_mean": train_mean,
                                              "train_val_gap": val - train_mean, "best_val_loss": state["best_val"],
-                                             "best_step": state["best_step"], "epoch": state["epoch"]})
+                                             "best_step": state["best_step"], "epoch": state["epoch"],
+                                             "wall": round(time.time() - t_start, 3)})
                 if tb:
                     tb.add_scalar("loss/val", val, step)
             if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
@@ -493,7 +495,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                             cfg.target_modules, cfg.text_encoder_target_modules, meta)
         save_kohya_lora(run_dir / "lora" / KOHYA_WEIGHT_NAME, unet_sd, te_sd, cfg.rank, cfg.alpha, meta)
         rows = read_metrics(metrics_path)
-        loss_curve_png(rows, run_dir / "loss_curve.png", best_step, title=f"{run_dir.name}: {stop_reason}")
+        loss_curve_png(rows, run_dir / "loss_curve.png", best_step, title=f"{run_dir.name}: {stop_reason}",
+                       train_label="train loss (min-SNR weighted)" if cfg.snr_gamma else "train loss")
         manifest = {
             "sdloop_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "base_model": cfg.base, "base_fingerprint": info.fingerprint, "pipeline_class": info.pipeline_class,

@@ -30,7 +30,8 @@ def _atomic_png_target(path: Path) -> str:
     return tmp
 
 
-def loss_curve_png(rows: list[dict], path: Path, best_step: Optional[int] = None, title: str = "") -> Path:
+def loss_curve_png(rows: list[dict], path: Path, best_step: Optional[int] = None, title: str = "",
+                   train_label: str = "train loss") -> Path:
     """Plot train loss (raw and smoothed) and validation loss against steps; mark the best validation step."""
     import matplotlib
 
@@ -42,10 +43,10 @@ def loss_curve_png(rows: list[dict], path: Path, best_step: Optional[int] = None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
         xs, ys = zip(*train)
-        ax.plot(xs, ys, color="#9ecae1", lw=0.8, label="train loss")
+        ax.plot(xs, ys, color="#9ecae1", lw=0.8, label=train_label)
         k = max(1, len(ys) // 20)
         smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, smooth, color="#3182bd", lw=1.5, label=f"train loss (mean of {k})")
+        ax.plot(xs, smooth, color="#3182bd", lw=1.5, label=f"{train_label} (mean of {k})")
     if val:
         xs, ys = zip(*val)
         ax.plot(xs, ys, "o-", color="#e6550d", lw=1.5, ms=3, label="validation loss (fixed noise)")
@@ -72,6 +73,10 @@ def image_grid(images: list[list[Image.Image]], row_labels: list[str], col_label
     """A grid of images (rows = prompts, columns = seeds) with a caption strip, saved as PNG atomically."""
     rows, cols = len(images), max(len(r) for r in images)
     w, h = images[0][0].size
+    if w < 128:  # tiny-model samples: enlarge (nearest) so a person can see them
+        k = -(-128 // w)
+        images = [[im.resize((w * k, h * k), Image.NEAREST) for im in row] for row in images]
+        w, h = w * k, h * k
     cell_w = max(w, 96)
     label_h, title_h = 28, 18 if title else 0
     grid = Image.new("RGB", (cols * cell_w, title_h + rows * (h + label_h)), "white")
