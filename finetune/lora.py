@@ -91,20 +91,30 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def _peft_meta(prefix: str, rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
-    return {f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha, f"{prefix}.target_modules": sorted(target_modules),
-            f"{prefix}.lora_dropout": 0.0, f"{prefix}.use_dora": False, f"{prefix}.init_lora_weights": "gaussian"}
+    """The full LoraConfig as diffusers stores it (``unet.r``, ``unet.lora_alpha``, ...), JSON-safe."""
+    config = lora_config(rank, alpha, 0.0, target_modules).to_dict()
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, set):
+            value = sorted(value)
+        try:
+            json.dumps(value)
+        except TypeError:
+            value = str(value)
+        out[f"{prefix}.{key}"] = value
+    return out
 
 
 def save_diffusers_lora(path: Path, unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
                         rank: int, alpha: float, unet_targets: list[str], text_targets: list[str],
                         extra_metadata: dict[str, Any]) -> None:
     """Write the diffusers layout that ``StableDiffusionPipeline.load_lora_weights`` reads as it is."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    tensors = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(unet_sd).items()}
+    # peft key names (lora_A/lora_B) as they are: diffusers reads them directly, while its own peft->diffusers
+    # renaming only knows attention projections and would leave a mix of two key styles for conv/ff targets
+    tensors = {f"unet.{k}": v for k, v in unet_sd.items()}
     adapter_meta = _peft_meta("unet", rank, alpha, unet_targets)
     if text_encoder_sd:
-        tensors.update({f"text_encoder.{k}": v for k, v in convert_state_dict_to_diffusers(text_encoder_sd).items()})
+        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder_sd.items()})
         adapter_meta.update(_peft_meta("text_encoder", rank, alpha, text_targets))
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_meta, sort_keys=True)}
     metadata.update({f"sdloop.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in extra_metadata.items()})
