@@ -157,8 +157,8 @@ def resolve_base(source: str) -> Path:
                                  "`huggingface-cli download ID --local-dir DIR`.")
         return path
     if not _looks_like_hub_id(source):
-        raise BaseModelError(f"{source} does not exist. Pass a diffusers folder or a hub id such as "
-                             "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+        raise BaseModelError(f"{source} does not exist. Pass a diffusers folder (make an offline one with "
+                             "`sdloop base tiny DIR`) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
     try:
         from huggingface_hub import snapshot_download
 
