@@ -185,8 +185,9 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     if resume and has_run and (out / "config.yaml").is_file():
         old = TrainConfig.from_yaml(out / "config.yaml").to_dict()
         new = cfg.to_dict()
-        changed = [k for k in old if k not in ("max_steps", "epochs", "early_stopping_patience", "output") and
-                   old[k] != new.get(k)]
+        free = ("max_steps", "epochs", "early_stopping_patience", "output", "gradient_checkpointing",
+                "keep_checkpoints", "sample_every", "num_workers")  # keys that do not change the run's maths
+        changed = [k for k in old if k not in free and old[k] != new.get(k)]
         if changed:
             raise TrainingError(f"cannot resume {out} with a different config ({', '.join(changed)} changed); "
                                 "resume with the run's own config.yaml, or start a new --output.")
@@ -199,8 +200,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     """Train a LoRA on ``cfg.data`` over ``cfg.base`` into ``cfg.output``; return the run's result.
 
     ``on_validation(step, val_loss)`` is called after each validation; returning True stops the run (the
-    hyperparameter search prunes trials this way).
+    hyperparameter search prunes trials this way). Running out of GPU memory becomes a TrainingError that names
+    the settings to lower; the checkpoints written so far stay.
     """
+    try:
+        return _train(cfg, resume, progress, on_validation)
+    except torch.OutOfMemoryError:
+        raise TrainingError(oom_hint(cfg)) from None
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool,
+           on_validation: Optional[Callable[[int, float], bool]]) -> RunResult:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -422,7 +432,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     last = list_checkpoints(ckpt_root)
                     where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                     raise TrainingError(
-                        f"the loss became {float(loss)} at step {step + 1}; {where}. Likely cause: the learning rate "
+                        f"the loss became {float(loss.detach())} at step {step + 1}; {where}. Likely cause: "
+                        f"the learning rate "
                         f"({cfg.learning_rate}) is too high, or {cfg.mixed_precision} precision overflowed; lower "
                         "--learning-rate, keep max_grad_norm > 0, or use bf16 / mixed_precision=no.")
                 accelerator.backward(loss)

@@ -154,15 +154,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.output and (Path(args.output) / "config.yaml").is_file() and not args.config:
         args.config = str(Path(args.output) / "config.yaml")
     cfg = build_train_config(args)
-    from finetune.train import oom_hint, train
+    from finetune.train import train
 
-    try:
-        result = train(cfg, resume=args.resume, progress=not args.quiet)
-    except RuntimeError as e:
-        if "out of memory" in str(e).lower():
-            raise SystemExit(f"error: {oom_hint(cfg)}") from None
-        raise
-    _print_result(result)
+    _print_result(train(cfg, resume=args.resume, progress=not args.quiet))
     return 0
 
 

@@ -218,3 +218,37 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_base, synth_data,
     assert (ma["best_step"], ma["final_step"]) == (mb["best_step"], mb["final_step"])
     assert ma["best_val_loss"] == pytest.approx(mb["best_val_loss"], rel=1e-6)
     assert not list((killed / "checkpoints").glob(".tmp-*")), "partial checkpoint folders are cleaned"
+
+
+def test_v_prediction_base_trains_on_the_velocity(tiny_base: Path, synth_data: Path, workspace, tmp_path) -> None:
+    import shutil
+
+    base = tmp_path / "vbase"
+    shutil.copytree(tiny_base, base)
+    sched = base / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
+    result = train(_cfg(base, synth_data, tmp_path / "run", max_steps=4, validation_every=2), progress=False)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["prediction_type"] == "v_prediction"
+    assert all(map(lambda r: r["val_loss"] > 0, _val_rows(result.run_dir)))
+
+
+def test_gpu_out_of_memory_names_the_settings_to_lower(tiny_base: Path, synth_data: Path, workspace, tmp_path,
+                                                       monkeypatch, capsys) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from sdloop.cli import main
+
+    def forward(self, *args, **kwargs):  # what a too-large batch does on a GPU (none here)
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    original = UNet2DConditionModel.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    code = main(["train", "--quiet", "--base", str(tiny_base), "--data", str(synth_data), "--output",
+                 str(tmp_path / "run"), "--batch-size", "4", "--resolution", "64", "--set", "augment.bucket_step=8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "out of GPU memory" in err and "--batch-size 2" in err and "gradient_checkpointing=true" in err
+    assert "Traceback" not in err
