@@ -46,6 +46,7 @@ class RunResult:
     final_step: int
     stopped: str
     samples_dir: Path
+    main_process: bool = True
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -222,7 +223,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
     t_start = time.time()
     if not cfg.base or not cfg.data or not cfg.output:
         raise TrainingError("base, data and output are required (--base DIR --data DIR --output RUN_DIR).")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    # cpu=True on a machine without CUDA lets `torchrun`/`accelerate launch` run data-parallel on CPU (gloo)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.gradient_accumulation)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if cfg.mixed_precision != "no" and device.type == "cpu":
@@ -529,7 +531,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
             tb.close()
     accelerator.wait_for_everyone()
     return RunResult(run_dir=run_dir, best_step=state["best_step"] if val_items else step,
-                     best_val_loss=state["best_val"], final_step=step, stopped=stop_reason, samples_dir=samples_dir)
+                     best_val_loss=state["best_val"], final_step=step, stopped=stop_reason, samples_dir=samples_dir,
+                     main_process=main)
 
 
 def oom_hint(cfg: TrainConfig) -> str:

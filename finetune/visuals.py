@@ -54,7 +54,7 @@ def loss_curve_png(rows: list[dict], path: Path, best_step: Optional[int] = None
         best = [v for s, v in val if s == best_step]
         ax.axvline(best_step, color="#31a354", ls="--", lw=1)
         if best:
-            ax.plot([best_step], best, "*", color="#31a354", ms=14, label=f"best step {best_step}")
+            ax.plot([best_step], best[-1:], "*", color="#31a354", ms=14, label=f"best step {best_step}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title or "sdloop training")

@@ -134,6 +134,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_result(result: Any) -> None:
+    if not result.main_process:  # data-parallel runs: one report, from the main process
+        return
     print(f"run folder:   {result.run_dir}")
     best = f"{result.best_val_loss:.5f}" if result.best_val_loss is not None else "n/a"
     print(f"best step:    {result.best_step} (validation loss {best}); trained {result.final_step} steps; "

@@ -252,3 +252,25 @@ def test_gpu_out_of_memory_names_the_settings_to_lower(tiny_base: Path, synth_da
     assert code == 2
     assert "out of GPU memory" in err and "--batch-size 2" in err and "gradient_checkpointing=true" in err
     assert "Traceback" not in err
+
+
+def test_data_parallel_run_agrees_with_one_process(run, tiny_base: Path, synth_data: Path, tmp_path) -> None:
+    """Two CPU processes (torchrun, gloo): the same fixed-noise validation loss as one process, and one
+    early-stopping decision taken by both (a disagreement would hang the collective and time out)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "SDLOOP_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "sdloop.cli", "train", "--quiet", "--base", str(tiny_base), "--data", str(synth_data),
+           "--output", str(out), "--max-steps", "12", "--validation-every", "2", "--resolution", "64",
+           "--batch-size", "2", "--early-stopping-patience", "1", "--set", "early_stopping_min_delta=10",
+           "--set", "augment.bucket_step=8", "--set", "sample_steps=1", "--set", "sample_seeds=[0]"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1, "one report, from the main process"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert manifest["final_step"] == 4 and manifest["best_step"] == 2, "stopped after patience 1, on both ranks"
+    single = _val_rows(run.run_dir)[0]
+    parallel = _val_rows(out)[0]
+    assert single["step"] == parallel["step"] == 0
+    assert parallel["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
