@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from .atomic import atomic_dir
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -109,17 +109,9 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0, overwrite: bool = False)
         if not overwrite:
             raise BaseModelError(f"{out} already exists and is not empty; choose another folder or pass --overwrite.")
     pipe = build_tiny_pipeline(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "sdloop_base.json").write_text(json.dumps({"kind": "tiny-sd1", "seed": seed}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -158,7 +150,8 @@ def resolve_base(source: str) -> Path:
         return path
     if not _looks_like_hub_id(source):
         raise BaseModelError(f"{source} does not exist. Pass a diffusers folder (make an offline one with "
-                             "`sdloop base tiny DIR`) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+                             "`sdloop base tiny DIR`) or a hub id such as "
+                             "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
     try:
         from huggingface_hub import snapshot_download
 

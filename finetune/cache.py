@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from finetune.augment import Size, augment_image, caption_variant, image_to_tensor, seeded_rng
+from finetune.atomic import atomic_path
 from finetune.config import AugmentConfig, workspace_home
 
 CACHE_FORMAT_VERSION = 1
@@ -216,17 +215,11 @@ def write_tensors_atomic(path: Path, tensors: dict[str, Any], metadata: Optional
     """Write a safetensors file via a temporary file in the same folder and ``os.replace``; return its size."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path, fsync=False) as tmp:  # a torn file after a power cut is detected and rebuilt
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     except OSError as e:
         raise CacheError(f"cannot write cache file {path}: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path.stat().st_size
 
 

@@ -9,14 +9,14 @@ complete checkpoints behind; the newest complete one is where ``--resume`` conti
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_dir
 
 STATE_FILE = "state.json"
 
@@ -49,10 +49,8 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any, state: dict[str, Any],
                     ema: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write ``ckpt_root/step_NNNNNN`` atomically and return it."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=ckpt_root))
-    try:
+    with atomic_dir(final, prefix=f".tmp-step_{step:06d}-") as tmp:  # an older one of the same step is replaced
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
@@ -61,15 +59,6 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
         _write_json(tmp / "optimizer.json", opt_meta)
         _write_json(tmp / "lr_scheduler.json", lr_scheduler.state_dict())
         _write_json(tmp / STATE_FILE, {**state, "step": step})
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # an older checkpoint of the same step (a rerun): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

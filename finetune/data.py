@@ -19,7 +19,6 @@ import json
 import os
 import posixpath
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from finetune.config import DataConfig
+from finetune.atomic import write_bytes_atomic
 from finetune.data_stats import compute_stats
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -97,7 +97,7 @@ class DataReport:
 
     def save(self, path: str | Path) -> None:
         """Write the report as JSON, atomically (a crash never leaves half a file)."""
-        _write_atomic(Path(path), json.dumps(self.to_dict(), indent=2).encode("utf-8"))
+        write_bytes_atomic(Path(path), json.dumps(self.to_dict(), indent=2).encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> "DataReport":
@@ -126,18 +126,6 @@ class _Checked:
 
 
 # -- files and captions ----------------------------------------------------------------------------------------------
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _inside(real_root: str, path: str) -> bool:
     """True when ``path`` (symlinks resolved) lies inside the dataset root."""

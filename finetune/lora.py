@@ -12,14 +12,14 @@ Only safetensors are written or read: no pickles.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .atomic import atomic_path
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -77,17 +77,8 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
                             ) -> None:
     """Write a safetensors file so that a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _peft_meta(prefix: str, rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
@@ -105,7 +96,8 @@ def _peft_meta(prefix: str, rank: int, alpha: float, target_modules: list[str]) 
     return out
 
 
-def save_diffusers_lora(path: Path, unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
+def save_diffusers_lora(path: Path, unet_sd: dict[str, torch.Tensor],
+                        text_encoder_sd: Optional[dict[str, torch.Tensor]],
                         rank: int, alpha: float, unet_targets: list[str], text_targets: list[str],
                         extra_metadata: dict[str, Any]) -> None:
     """Write the diffusers layout that ``StableDiffusionPipeline.load_lora_weights`` reads as it is."""

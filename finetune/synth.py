@@ -11,15 +11,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from finetune.atomic import atomic_dir
 from finetune.data import DatasetError
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -110,9 +108,7 @@ def make_synthetic_dataset(out_dir: str | Path, n: int, seed: int = 0, size: int
         raise DatasetError(f"caption_format={caption_format!r} is invalid: use one of {CAPTION_FORMATS}.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out} already exists and is not empty; pass a new folder (nothing was overwritten).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
         rng = random.Random(seed)
         lines = []
         width = max(4, len(str(n - 1)))
@@ -125,10 +121,4 @@ def make_synthetic_dataset(out_dir: str | Path, n: int, seed: int = 0, size: int
             lines.append(json.dumps({"file_name": name, "text": caption}))
         if caption_format == "imagefolder":
             (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

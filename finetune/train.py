@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import platform
 import subprocess
 import sys
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .atomic import write_text_atomic
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig, workspace_home
 from .lora import (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, add_lora, atomic_save_safetensors, lora_parameters,
@@ -57,12 +56,6 @@ def _jsonl_append(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _git_commit() -> Optional[str]:
@@ -249,7 +242,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
     info = base_info(cfg.base)
     prediction_type = info.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     if main:
-        _atomic_text(run_dir / "config.yaml", cfg.to_yaml())
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         report.save(run_dir / "data_report.json")
         (run_dir / "split.json").write_text(json.dumps({"train": [i.path for i in train_items],
                                                         "validation": [i.path for i in val_items]}, indent=1))
@@ -328,7 +321,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
             step = int(state["step"])
             if main:  # drop metric rows written after that checkpoint: they are replayed
                 rows = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-                _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+                write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
             accelerator.print(f"resuming {run_dir} from step {step}")
         else:
             accelerator.print(f"no checkpoint in {ckpt_root}; starting {run_dir} from step 0")
@@ -526,7 +519,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
             "startup_seconds": round(t_loop - t_start, 2), "world_size": world,
             "packages": _package_versions(), "git_commit": _git_commit(),
         }
-        _atomic_text(run_dir / "manifest.json", json.dumps(manifest, indent=2))
+        write_text_atomic(run_dir / "manifest.json", json.dumps(manifest, indent=2))
         if tb:
             tb.close()
     accelerator.wait_for_everyone()
@@ -539,7 +532,8 @@ def oom_hint(cfg: TrainConfig) -> str:
     """What to lower when a GPU runs out of memory, most effective first."""
     hints = []
     if cfg.batch_size > 1:
-        hints.append(f"--batch-size {max(1, cfg.batch_size // 2)} (with gradient_accumulation={cfg.gradient_accumulation * 2})")
+        hints.append(f"--batch-size {max(1, cfg.batch_size // 2)} "
+                     f"(with gradient_accumulation={cfg.gradient_accumulation * 2})")
     if not cfg.gradient_checkpointing:
         hints.append("gradient_checkpointing=true")
     if cfg.mixed_precision == "no":

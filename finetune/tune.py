@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .atomic import atomic_path, write_text_atomic
 from .config import SearchSpace, TrainConfig
 
 
@@ -90,10 +90,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("sdloop tune: blue complete, grey pruned")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, fsync=False) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -163,7 +162,7 @@ def tune(base_cfg: TrainConfig, tune_dir: Path, n_trials: int, space: Optional[S
         raise TuneError("no trial completed; widen the search space or run more trials.")
     best = study.best_trial
     csv_path = tune_dir / "trials.csv"
-    with open(csv_path.with_name(".trials.csv.tmp"), "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["trial", "state", "value", "best_step", "learning_rate", "rank", "lora_dropout", "weight_decay",
                     "batch_size", "run_dir"])
@@ -171,13 +170,10 @@ def tune(base_cfg: TrainConfig, tune_dir: Path, n_trials: int, space: Optional[S
             p = r["params"]
             w.writerow([r["number"], r["state"], r["value"], r["best_step"], p.get("learning_rate"), p.get("rank"),
                         p.get("lora_dropout"), p.get("weight_decay"), p.get("batch_size"), r["run_dir"]])
-    os.replace(csv_path.with_name(".trials.csv.tmp"), csv_path)
     plot = _plot(rows, tune_dir / "trials.png")
     best_run = Path(best.user_attrs["run_dir"])
     summary = {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
                "best_run_dir": str(best_run), "trials": rows}
-    tmp = tune_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, tune_dir / "summary.json")
+    write_text_atomic(tune_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return TuneSummary(best_trial=best.number, best_value=float(best.value), best_params=best.params,
                        best_run_dir=best_run, table=_table(rows), storage=storage, plot=plot, csv=csv_path)

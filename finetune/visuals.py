@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from PIL import Image, ImageDraw
+
+from .atomic import atomic_path
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -21,13 +21,6 @@ def read_metrics(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
-
-
-def _atomic_png_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    return tmp
 
 
 def loss_curve_png(rows: list[dict], path: Path, best_step: Optional[int] = None, title: str = "",
@@ -61,10 +54,9 @@ def loss_curve_png(rows: list[dict], path: Path, best_step: Optional[int] = None
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = _atomic_png_target(path)
-    fig.savefig(tmp, format="png")
+    with atomic_path(path, fsync=False) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -91,7 +83,6 @@ def image_grid(images: list[list[Image.Image]], row_labels: list[str], col_label
             grid.paste(img, (x + (cell_w - w) // 2, y + label_h))
             if r == 0 and col_labels:
                 draw.text((x + 4, y + 14), col_labels[c], fill="#555555")
-    tmp = _atomic_png_target(path)
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:
+        grid.save(tmp, format="PNG")
     return path

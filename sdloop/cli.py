@@ -68,7 +68,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     cfg = _data_config(args)
     report = scan_dataset(args.data_dir, cfg, progress=not args.quiet)
-    out = Path(args.json) if args.json else _home() / "reports" / f"{Path(args.data_dir).resolve().name}-data_report.json"
+    default = _home() / "reports" / f"{Path(args.data_dir).resolve().name}-data_report.json"
+    out = Path(args.json) if args.json else default
     out.parent.mkdir(parents=True, exist_ok=True)
     report.save(out)
     print(format_summary(report))

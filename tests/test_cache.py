@@ -117,7 +117,7 @@ def test_prepare_builds_once_then_reuses(dataset, comps, built) -> None:
     assert (first.text_built, first.text_reused) == (n_captions, 0)
     assert first.built == len(SPECS) + n_captions and first.bytes > 0
     assert len(_files(cache, "latents")) == len(SPECS) and len(_files(cache, "text")) == n_captions
-    assert not list(cache.rglob("*.tmp"))
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".")], "no temporary files are left"
 
     again = _feed(dataset, comps, cache, cfg).prepare()
     assert again.built == 0 and again.reused == first.built and again.bytes == first.bytes
@@ -223,7 +223,7 @@ def test_interrupted_build_leaves_no_half_files(dataset, comps, tmp_path: Path, 
     with pytest.raises(KeyboardInterrupt):
         _feed(dataset, comps, cache, _cfg()).prepare()
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    assert not list(cache.rglob("*.tmp"))
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".")], "no temporary files are left"
     written = list((cache / "latents").iterdir())
     assert len(written) == 2 and all(read_tensors(p, ["v0"]) is not None for p in written)
     stats = _feed(dataset, comps, cache, _cfg()).prepare()
