@@ -186,6 +186,8 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "Write a resumable checkpoint every N steps; 0 means at each validation.")
     keep_checkpoints: int = _f(2, "Keep the last K checkpoints (the best is always kept).")
     use_cache: bool = _f(True, "Train from latent and text-embedding caches (VAE and text encoder run once).")
+    cache_memory_mb: int = _f(2048, "Keep up to this many MB of cache tensors in RAM after their first read "
+                                    "(0: read the cache files every step).")
     num_workers: int = _f(0, "DataLoader workers when training without caches.")
     seed: int = _f(0, "Seed of noise, timesteps, data order and augmentation.")
     data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset stage settings."})
@@ -238,6 +240,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        _check(self.cache_memory_mb >= 0, "cache_memory_mb", self.cache_memory_mb, "an integer >= 0 (MB)")
 
     # -- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

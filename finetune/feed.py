@@ -49,6 +49,8 @@ class TrainingFeed:
         self.weights: Optional[list[float]] = (balanced_weights([it.caption for it in self.items])
                                                if train and self.aug.balanced_sampling else None)
         self._prepared = False
+        self._ram: dict[Any, Any] = {}  # cache tensors already read, up to cfg.cache_memory_mb
+        self._ram_free = cfg.cache_memory_mb * 2**20
 
     def __len__(self) -> int:
         return len(self.items)
@@ -110,8 +112,18 @@ class TrainingFeed:
         dtype = str(module_device_dtype(self.text_encoder)[1])
         return text_path(self.cache_root, text_key(caption, self.base_fingerprint, dtype))
 
+    def _remember(self, key: Any, tensor: Any) -> Any:
+        """Keep a tensor read from the cache in RAM while the budget lasts: later epochs skip the file read."""
+        size = tensor.numel() * tensor.element_size()
+        if size <= self._ram_free:
+            self._ram[key] = tensor
+            self._ram_free -= size
+        return tensor
+
     def _cached_latent(self, index: int, variant: Variant) -> Any:
         name = "val" if variant == "val" else f"v{variant}"
+        if (index, name) in self._ram:
+            return self._ram[(index, name)]
         path = self._latent_file(index)
         got = read_tensors(path, [name])
         if got is None:  # deleted or damaged since prepare(): rebuild this one file
@@ -121,9 +133,11 @@ class TrainingFeed:
             got = read_tensors(path, [name])
             if got is None:
                 raise RuntimeError(f"latent cache file {path} is unreadable right after rebuilding it.")
-        return got[name]
+        return self._remember((index, name), got[name])
 
     def _cached_hidden(self, caption: str) -> Any:
+        if caption in self._ram:
+            return self._ram[caption]
         path = self._text_file(caption)
         got = read_tensors(path, ["hidden"])
         if got is None:
@@ -132,7 +146,7 @@ class TrainingFeed:
             got = read_tensors(path, ["hidden"])
             if got is None:
                 raise RuntimeError(f"text cache file {path} is unreadable right after rebuilding it.")
-        return got["hidden"]
+        return self._remember(caption, got["hidden"])
 
     # -- batches ---------------------------------------------------------------------------------------------------
 

@@ -186,7 +186,7 @@ def test_validation_variant_is_merged_into_the_same_file(dataset, comps, cache_c
 
 def test_corrupt_files_are_rebuilt(dataset, comps, cache_copy: Path) -> None:
     cache = cache_copy
-    cfg = _cfg()
+    cfg = _cfg(cache_memory_mb=0)  # every load_batch reads the files (no RAM copies)
     feed = _feed(dataset, comps, cache, cfg)
     assert feed.prepare().built == 0
     latent = sorted((cache / "latents").iterdir())[0]
@@ -300,3 +300,28 @@ def test_balanced_sampling_in_feed(dataset, comps, tmp_path: Path) -> None:
     assert share > 2 * 20  # item 0 would appear once per epoch without balancing
     val = _feed(dataset, comps, tmp_path / "c", cfg, items=skewed, train=False)
     assert sorted(i for b in val.epoch_batches(0) for i in b) == list(range(len(items)))
+
+
+@pytest.mark.parametrize("budget_mb, reads_after_first_epoch", [(64, 0), (0, None)])
+def test_cache_tensors_stay_in_ram_within_the_budget(budget_mb, reads_after_first_epoch, dataset, comps,
+                                                     cache_copy: Path, monkeypatch) -> None:
+    import finetune.feed as feed_mod
+
+    feed = _feed(dataset, comps, cache_copy, _cfg(cache_memory_mb=budget_mb))
+    feed.prepare()
+    first = [feed.load_batch(b, 0) for b in feed.epoch_batches(0)]
+    reads = {"n": 0}
+    original = feed_mod.read_tensors
+
+    def counting(*args, **kwargs):
+        reads["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(feed_mod, "read_tensors", counting)
+    again = [feed.load_batch(b, 0) for b in feed.epoch_batches(0)]
+    for a, b in zip(first, again):
+        _assert_same(a, b)
+    if reads_after_first_epoch is None:
+        assert reads["n"] > 0, "without a RAM budget every step reads the files"
+    else:
+        assert reads["n"] == reads_after_first_epoch
