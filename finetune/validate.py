@@ -90,13 +90,10 @@ def sample_images(components: dict[str, Any], unet: torch.nn.Module, text_encode
     was_training = unet.training
     unet.eval()
     rows = []
-    for prompt in prompts:
-        row = []
-        for s in seeds:
-            g = torch.Generator(device="cpu").manual_seed(int(s))
-            row.append(pipe(prompt, num_inference_steps=steps, width=size[0], height=size[1], generator=g,
-                            guidance_scale=5.0).images[0])
-        rows.append(row)
+    for prompt in prompts:  # one batched call per prompt, one generator per seed: same images as one by one
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        rows.append(pipe(prompt, num_inference_steps=steps, width=size[0], height=size[1], generator=generators,
+                         num_images_per_prompt=len(seeds), guidance_scale=5.0).images)
     unet.train(was_training)
     return rows
 

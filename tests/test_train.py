@@ -34,7 +34,8 @@ def run(tiny_base: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("runs") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SDLOOP_HOME", str(tmp_path_factory.mktemp("home")))
-        return train(_cfg(tiny_base, synth_data, out, max_steps=30, learning_rate=1e-2, early_stopping_patience=0),
+        return train(_cfg(tiny_base, synth_data, out, max_steps=30, learning_rate=1e-2, early_stopping_patience=0,
+                          sample_every=10),
                      progress=False)
 
 
