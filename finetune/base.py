@@ -248,8 +248,8 @@ def load_components(source: str, torch_dtype: Any = None) -> dict[str, Any]:
         for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             if enc_name not in index or index[enc_name][0] is None:
                 continue
-            encoders.append(CLIPTextModel.from_pretrained(local, subfolder=enc_name, torch_dtype=torch_dtype,
-                                                          local_files_only=True))
+            encoders.append(CLIPTextModel.from_pretrained(local, subfolder=enc_name, local_files_only=True,
+                                                          **({"dtype": torch_dtype} if torch_dtype else {})))
             tokenizers.append(AutoTokenizer.from_pretrained(local, subfolder=tok_name, local_files_only=True,
                                                             use_fast=False))
         noise_scheduler = DDPMScheduler.from_pretrained(local, subfolder="scheduler", local_files_only=True)

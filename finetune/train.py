@@ -255,7 +255,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
         m.to(device)
-    vae.to(torch.float32)  # latents are encoded in fp32: fp16 VAEs of SD 1.x overflow
+    if vae.dtype != torch.float32:
+        vae.to(torch.float32)  # latents are encoded in fp32: fp16 VAEs of SD 1.x overflow
     cache_root = workspace_home() / "cache"
     train_feed = TrainingFeed(train_items, Path(cfg.data), cfg, components, info.fingerprint, cache_root, device,
                               train=True, progress=progress and main)

@@ -33,6 +33,14 @@ def test_base_tiny_loads_in_stock_diffusers_and_generates(tmp_path: Path, capsys
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    from finetune.base import base_info, load_pipeline
+
+    assert type(load_pipeline(str(out))).__name__ == "StableDiffusionPipeline"
+    info = base_info(str(out))
+    assert info.prediction_type == "epsilon" and info.fingerprint == base_info(str(out)).fingerprint
+    other = tmp_path / "other"
+    main(["base", "tiny", str(other), "--seed", "4"])
+    assert base_info(str(other)).fingerprint != info.fingerprint, "re-drawn weights change the fingerprint"
     assert main(["base", "tiny", str(out)]) == 2, "a non-empty folder is not overwritten"
     assert "--overwrite" in capsys.readouterr().err
 
