@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{reuse.reused} files reused, {reuse.built} built")
     saved = lm - cm
     payback = f"pays back after {build_s / saved:.2f} epochs" if saved > 0 else "never pays back"
-    print(f"live/cache-files {lm / dm:.1f}x, live/RAM {lm / cm:.1f}x per epoch; cache build {build_s:.2f} s ({build_s / lm:.2f} live epochs) "
-          f"{payback}")
+    print(f"live/cache-files {lm / dm:.1f}x, live/RAM {lm / cm:.1f}x per epoch; cache build {build_s:.2f} s "
+          f"({build_s / lm:.2f} live epochs) {payback}")
     return 0
 
 

@@ -212,22 +212,16 @@ def load_pipeline(source: str, torch_dtype: Any = None, device: Optional[str] = 
     from diffusers import DiffusionPipeline
 
     local = resolve_base(source)
+    index = json.loads((local / "model_index.json").read_text())
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True,
-                                                 safety_checker=None, requires_safety_checker=False) \
-            if _has_safety_slot(local) else \
-            DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True, **extra)
     except Exception as e:
         raise BaseModelError(f"{local} could not be loaded as a diffusers pipeline "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
     if device:
         pipe = pipe.to(device)
     return pipe
-
-
-def _has_safety_slot(local: Path) -> bool:
-    index = json.loads((local / "model_index.json").read_text())
-    return "safety_checker" in index
 
 
 def load_components(source: str, torch_dtype: Any = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -377,6 +377,3 @@ class SearchSpace:
         _check(bool(self.batch_size) and all(int(b) >= 1 for b in self.batch_size), "search.batch_size",
                self.batch_size, "a non-empty list of positive integers")
 
-
-def optional_path(value: Optional[str]) -> Optional[Path]:
-    return Path(value) if value else None

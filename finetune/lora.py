@@ -74,6 +74,13 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise ValueError(f"{len(missing)} LoRA tensors did not match the model, e.g. {missing[0]}.")
 
 
+def split_prefixed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split ``unet.``/``text_encoder.`` prefixed adapter tensors into the two peft state dicts."""
+    unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+    text = {k[len("text_encoder."):]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    return unet, text
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
                             ) -> None:
     """Write a safetensors file so that a crash leaves either the old file or the new one, never half of one."""

@@ -26,7 +26,8 @@ from .atomic import write_text_atomic
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig, workspace_home
 from .lora import (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, add_lora, atomic_save_safetensors, lora_parameters,
-                   lora_state_dict, load_lora_state_dict, read_safetensors, save_diffusers_lora, save_kohya_lora)
+                   lora_state_dict, load_lora_state_dict, read_safetensors, save_diffusers_lora, save_kohya_lora,
+                   split_prefixed)
 from .validate import training_target, validation_loss_sum, write_sample_grid
 from .visuals import loss_curve_png, read_metrics
 
@@ -303,9 +304,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
         return out
 
     def load_weights(tensors: dict[str, torch.Tensor]) -> None:
-        load_lora_state_dict(raw_unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        unet_sd, te_sd = split_prefixed(tensors)
+        load_lora_state_dict(raw_unet, unet_sd)
         if cfg.train_text_encoder:
-            load_lora_state_dict(raw_te, {k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
+            load_lora_state_dict(raw_te, te_sd)
 
     # ---- state, restored on --resume ---------------------------------------------------------------------------
     state: dict[str, Any] = {"epoch": 0, "pos": 0, "best_val": None, "best_step": None, "bad_evals": 0,
@@ -493,8 +495,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
         best = read_safetensors(best_file)[0] if best_file.is_file() and val_items else \
             (weights_now() if ema is None else _ema_weights())
         best_step = state["best_step"] if val_items else step
-        unet_sd = {k[5:]: v for k, v in best.items() if k.startswith("unet.")}
-        te_sd = {k[13:]: v for k, v in best.items() if k.startswith("text_encoder.")} or None
+        unet_sd, te_sd = split_prefixed(best)
         meta = {"base_model": cfg.base, "base_fingerprint": info.fingerprint, "rank": cfg.rank, "alpha": cfg.alpha,
                 "steps": best_step, "sdloop_version": __version__, "prediction_type": prediction_type,
                 "resolution": cfg.resolution}

@@ -291,11 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type, ...]:
     from finetune.base import BaseModelError
+    from finetune.cache import CacheError
     from finetune.config import ConfigError
     from finetune.data import DatasetError
     from finetune.train import TrainingError
 
-    errors: list[type] = [BaseModelError, ConfigError, DatasetError, TrainingError]
+    errors: list[type] = [BaseModelError, CacheError, ConfigError, DatasetError, TrainingError]
     try:
         from finetune.tune import TuneError
 

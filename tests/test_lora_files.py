@@ -56,10 +56,11 @@ def test_diffusers_load_lora_weights_changes_output_and_reproduces_training(te_r
     add_lora(ref.unet, cfg.rank, cfg.alpha, 0.0, cfg.target_modules)
     add_lora(ref.text_encoder, cfg.rank, cfg.alpha, 0.0, cfg.text_encoder_target_modules)
     best, _ = read_safetensors(te_run.run_dir / "checkpoints" / "best_lora.safetensors")
-    from finetune.lora import load_lora_state_dict
+    from finetune.lora import load_lora_state_dict, split_prefixed
 
-    load_lora_state_dict(ref.unet, {k[5:]: v for k, v in best.items() if k.startswith("unet.")})
-    load_lora_state_dict(ref.text_encoder, {k[13:]: v for k, v in best.items() if k.startswith("text_encoder.")})
+    unet_sd, te_sd = split_prefixed(best)
+    load_lora_state_dict(ref.unet, unet_sd)
+    load_lora_state_dict(ref.text_encoder, te_sd)
     np_ref = _image(ref)
     assert abs(np_ref - after).max() < 1e-4, "diffusers applies rank, alpha and both adapters as trained"
 
