@@ -371,10 +371,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
 
     def save_best() -> None:
         if main:
-            best = weights_now() if ema is None else _ema_weights()
-            atomic_save_safetensors(best, ckpt_root / "best_lora.safetensors", {"step": str(step)})
+            atomic_save_safetensors(result_weights(), ckpt_root / "best_lora.safetensors", {"step": str(step)})
 
-    def _ema_weights() -> dict[str, torch.Tensor]:
+    def result_weights() -> dict[str, torch.Tensor]:
+        """The weights a result is made of: the EMA copy when EMA is on, else the live ones."""
+        if ema is None:
+            return weights_now()
         with ema.swapped_in():
             return weights_now()
 
@@ -492,8 +494,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
     # ---- result files ------------------------------------------------------------------------------------------
     if main:
         best_file = ckpt_root / "best_lora.safetensors"
-        best = read_safetensors(best_file)[0] if best_file.is_file() and val_items else \
-            (weights_now() if ema is None else _ema_weights())
+        best = read_safetensors(best_file)[0] if best_file.is_file() and val_items else result_weights()
         best_step = state["best_step"] if val_items else step
         unet_sd, te_sd = split_prefixed(best)
         meta = {"base_model": cfg.base, "base_fingerprint": info.fingerprint, "rank": cfg.rank, "alpha": cfg.alpha,
