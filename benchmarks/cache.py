@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from finetune.base import base_info, load_components, write_tiny_base
+    from finetune.base import write_tiny_base
+from sdloop.pipelines import base_info, load_components
     from finetune.config import TrainConfig
     from finetune.data import scan_dataset
     from finetune.feed import TrainingFeed

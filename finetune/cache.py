@@ -19,6 +19,8 @@ The functions that turn an item into pixels, latents and text embeddings live he
 
 from __future__ import annotations
 
+from sdloop.errors import UserError
+
 import hashlib
 import json
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from finetune.augment import Size, augment_image, caption_variant, image_to_tensor, seeded_rng
-from finetune.atomic import atomic_path
+from sdloop.atomic import atomic_path
 from finetune.config import AugmentConfig, workspace_home
 
 CACHE_FORMAT_VERSION = 1
@@ -35,7 +37,7 @@ ENCODE_BATCH = 8  # images per VAE call; text encoder calls take 4x as many capt
 Variant = Union[int, str]  # 0..K-1 for augmented variants, "val" for the validation centre crop
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError):
     """A cache cannot be built (unreadable image, unwritable folder); the message names the file."""
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_dir
+from sdloop.atomic import atomic_dir
 
 STATE_FILE = "state.json"
 

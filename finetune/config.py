@@ -7,6 +7,8 @@ The defaults are a sound SD-1.5 LoRA recipe; the tiny offline base and the demo 
 
 from __future__ import annotations
 
+from sdloop.errors import UserError
+
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is out of range; the message names the field and what it accepts."""
 
 

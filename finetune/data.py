@@ -11,6 +11,8 @@ image has both.
 
 from __future__ import annotations
 
+from sdloop.errors import UserError
+
 import contextlib
 import dataclasses
 import hashlib
@@ -30,7 +32,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from finetune.config import DataConfig
-from finetune.atomic import write_bytes_atomic
+from sdloop.atomic import write_bytes_atomic
 from finetune.data_stats import compute_stats
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -53,7 +55,7 @@ REASONS = {
 _ORIENTATION = 0x0112
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """The dataset cannot be read at all; the message says what to do."""
 
 

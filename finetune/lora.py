@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from sdloop.atomic import atomic_path
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finetune.atomic import atomic_dir
+from sdloop.atomic import atomic_dir
 from finetune.data import DatasetError
 
 SHAPES = ("circle", "square", "triangle", "star")

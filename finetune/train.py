@@ -8,6 +8,8 @@ would have done, with no random state to restore.
 
 from __future__ import annotations
 
+from sdloop.errors import UserError
+
 import contextlib
 import json
 import platform
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .atomic import write_text_atomic
+from sdloop.atomic import write_text_atomic
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig, workspace_home
 from .lora import (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, add_lora, atomic_save_safetensors, lora_parameters,
@@ -32,7 +34,7 @@ from .validate import training_target, validation_loss_sum, write_sample_grid
 from .visuals import loss_curve_png, read_metrics
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on (bad input, NaN loss, out of memory); the message says what to change."""
 
 
@@ -210,7 +212,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool,
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from .base import base_info, load_components
+    from sdloop.pipelines import base_info, load_components
     from .data import DatasetError, dataset_fingerprint, scan_dataset, split_items
     from .feed import TrainingFeed
 

@@ -8,6 +8,8 @@ trials to the same study, and a trial killed mid-way is marked failed and retrie
 
 from __future__ import annotations
 
+from sdloop.errors import UserError
+
 import csv
 import dataclasses
 import json
@@ -16,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .atomic import atomic_path, write_text_atomic
+from sdloop.atomic import atomic_path, write_text_atomic
 from .config import SearchSpace, TrainConfig
 
 
-class TuneError(RuntimeError):
+class TuneError(UserError):
     """The search cannot run; the message says what to change."""
 
 

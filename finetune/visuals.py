@@ -8,7 +8,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_path
+from sdloop.atomic import atomic_path
 
 
 def read_metrics(path: Path) -> list[dict]:

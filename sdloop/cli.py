@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from sdloop.errors import UserError, one_line
+
 # Flags of `sdloop train` that map straight onto TrainConfig fields.
 TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-steps", "max_steps", int, "optimizer steps (0 = derive from --epochs)"),
@@ -289,23 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type, ...]:
-    from finetune.base import BaseModelError
-    from finetune.cache import CacheError
-    from finetune.config import ConfigError
-    from finetune.data import DatasetError
-    from finetune.train import TrainingError
-
-    errors: list[type] = [BaseModelError, CacheError, ConfigError, DatasetError, TrainingError]
-    try:
-        from finetune.tune import TuneError
-
-        errors.append(TuneError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _env_defaults()
     parser = build_parser()
@@ -324,9 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"{args.command} needs {', '.join(missing)}")
     try:
         return func(args)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted; a training run continues from its last checkpoint with --resume.", file=sys.stderr)
         return 130

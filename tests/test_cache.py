@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from finetune.base import base_info, load_components, write_tiny_base
+from finetune.base import write_tiny_base
+from sdloop.pipelines import base_info, load_components
 from finetune.cache import CacheStats, read_tensors
 from finetune.config import TrainConfig
 from finetune.feed import TrainingFeed

@@ -33,7 +33,7 @@ def test_base_tiny_loads_in_stock_diffusers_and_generates(tmp_path: Path, capsys
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
-    from finetune.base import base_info, load_pipeline
+    from sdloop.pipelines import base_info, load_pipeline
 
     assert type(load_pipeline(str(out))).__name__ == "StableDiffusionPipeline"
     info = base_info(str(out))
@@ -46,7 +46,7 @@ def test_base_tiny_loads_in_stock_diffusers_and_generates(tmp_path: Path, capsys
 
 
 def test_base_loader_errors_say_what_to_do(tmp_path: Path) -> None:
-    from finetune.base import BaseModelError, resolve_base
+    from sdloop.pipelines import BaseModelError, resolve_base
 
     (tmp_path / "not_a_pipeline").mkdir()
     with pytest.raises(BaseModelError, match="model_index.json is missing"):

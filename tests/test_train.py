@@ -76,7 +76,7 @@ def test_best_checkpoint_is_the_result(run) -> None:
 
 def test_validation_loss_is_identical_when_evaluated_twice_and_batch_independent(tiny_base, synth_data,
                                                                                    workspace) -> None:
-    from finetune.base import base_info, load_components
+    from sdloop.pipelines import base_info, load_components
     from finetune.data import scan_dataset, split_items
     from finetune.feed import TrainingFeed
     from finetune.validate import validation_loss_sum
