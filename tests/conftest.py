@@ -46,3 +46,22 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("SDLOOP_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_base: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run folder: 8 steps of the tiny recipe on the random tiny base (conv + attention LoRA).
+
+    Read-only: copy it (shutil.copytree) in a test that changes it. Read it through sdloop.runfolder.RunFolder.
+    """
+    from finetune.config import TrainConfig, tiny_overrides
+    from finetune.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-run"
+    cfg = TrainConfig.from_dict({**tiny_overrides(), "base": str(tiny_base), "data": str(synth_data),
+                                 "output": str(out), "max_steps": 8, "validation_every": 4, "sample_every": 8,
+                                 "sample_steps": 2, "sample_seeds": [0], "early_stopping_patience": 0})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDLOOP_HOME", str(tmp_path_factory.mktemp("run-home")))
+        train(cfg, progress=False)
+    return out
