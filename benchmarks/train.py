@@ -96,30 +96,14 @@ def child_sdloop(spec: dict[str, Any], role: str, out_dir: Path) -> dict[str, An
 
     torch.set_num_threads(spec["threads"])
     t_torch = time.time()
-    import finetune.base as fbase
-    import finetune.data as fdata
-    import finetune.feed as ffeed
     import finetune.train as ftrain
     from finetune.config import TrainConfig, apply_overrides, tiny_overrides
 
-    # instrumentation only: time stamps around the trainer's own calls, nothing else changes
+    # instrumentation only: the trainer's documented event hook (TrainHooks.event) time-stamps its phases
     events: list = []
 
-    def stamp(kind: str, fn: Any, value: Any = None) -> Any:
-        def wrapped(*a: Any, **k: Any) -> Any:
-            start = time.time()
-            r = fn(*a, **k)
-            events.append((kind, start, time.time(), value(r) if value else None))
-            return r
-        return wrapped
-
-    ftrain.validation_loss_sum = stamp("eval", ftrain.validation_loss_sum, lambda r: r[0] / max(1, r[1]))
-    ftrain.write_sample_grid = stamp("sample", ftrain.write_sample_grid)
-    ftrain.save_checkpoint = stamp("checkpoint", ftrain.save_checkpoint)
-    ftrain.atomic_save_safetensors = stamp("save_best", ftrain.atomic_save_safetensors)
-    fdata.scan_dataset = stamp("scan_dataset", fdata.scan_dataset)
-    fbase.load_components = stamp("load_components", fbase.load_components)
-    ffeed.TrainingFeed.prepare = stamp("cache_build", ffeed.TrainingFeed.prepare)
+    def record(kind: str, start: float, end: float, value: Any) -> None:
+        events.append((kind, start, end, value))
 
     speed = role == "sdloop-speed"
     steps = spec["warmup_steps"] + spec["timed_steps"] + 1 if speed else spec["steps"]
@@ -140,7 +124,7 @@ def child_sdloop(spec: dict[str, Any], role: str, out_dir: Path) -> dict[str, An
         print(f"sdloop step {step:4d}  val_loss {val:.5f}", file=sys.stderr, flush=True)
         return False
 
-    result = ftrain.train(cfg, progress=False, on_validation=on_validation)
+    result = ftrain.train(cfg, progress=False, hooks=ftrain.TrainHooks(event=record, on_validation=on_validation))
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     manifest = json.loads((out_dir / "manifest.json").read_text())
     split = json.loads((out_dir / "split.json").read_text())

@@ -10,6 +10,8 @@ angle across configurations.
 
 from __future__ import annotations
 
+from sdloop.seeding import py_rng
+
 import hashlib
 import math
 import random
@@ -29,9 +31,8 @@ _RESAMPLE = Image.Resampling.BICUBIC
 
 
 def seeded_rng(*parts: Any) -> random.Random:
-    """A ``random.Random`` seeded by a stable hash of ``parts`` (Python's ``hash()`` is salted per process)."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+    """A ``random.Random`` for the draw named by ``parts`` (the one seeding scheme: ``sdloop.seeding``)."""
+    return py_rng(*parts)
 
 
 # -- buckets -------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from finetune.augment import Size, augment_image, caption_variant, image_to_tens
 from sdloop.atomic import atomic_path
 from finetune.config import AugmentConfig, workspace_home
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: augmentation draws from sdloop.seeding
 ENCODE_BATCH = 8  # images per VAE call; text encoder calls take 4x as many captions
 Variant = Union[int, str]  # 0..K-1 for augmented variants, "val" for the validation centre crop
 

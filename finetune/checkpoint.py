@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
-
-from sdloop.atomic import atomic_dir
+from sdloop.atomic import DamagedFileError, atomic_dir, load_safetensors, save_safetensors
 
 STATE_FILE = "state.json"
 
@@ -51,11 +49,11 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     """Write ``ckpt_root/step_NNNNNN`` atomically and return it."""
     final = ckpt_root / f"step_{step:06d}"
     with atomic_dir(final, prefix=f".tmp-step_{step:06d}-") as tmp:  # an older one of the same step is replaced
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        save_safetensors(tmp / "weights.safetensors", weights, fsync=False)  # atomic_dir fsyncs every file
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+            save_safetensors(tmp / "ema.safetensors", ema, fsync=False)
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_safetensors(tmp / "optimizer.safetensors", opt_tensors, fsync=False)
         _write_json(tmp / "optimizer.json", opt_meta)
         _write_json(tmp / "lr_scheduler.json", lr_scheduler.state_dict())
         _write_json(tmp / STATE_FILE, {**state, "step": step})
@@ -77,16 +75,47 @@ def clean_partial(ckpt_root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, lr_scheduler: Any
-                    ) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]], dict[str, Any]]:
-    """Restore optimizer and scheduler in place; return (weights, ema or None, training state)."""
-    weights = load_file(str(path / "weights.safetensors"))
-    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
-    opt_meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), opt_meta))
-    lr_scheduler.load_state_dict(json.loads((path / "lr_scheduler.json").read_text()))
-    state = json.loads((path / STATE_FILE).read_text())
-    return weights, ema, state
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DamagedFileError(f"{path} is damaged ({type(e).__name__})") from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Every file of a checkpoint, read and checked before anything is restored (DamagedFileError if one fails)."""
+    return {
+        "weights": load_safetensors(path / "weights.safetensors")[0],
+        "ema": load_safetensors(path / "ema.safetensors")[0] if (path / "ema.safetensors").exists() else None,
+        "optimizer": _unflatten_optimizer(load_safetensors(path / "optimizer.safetensors")[0],
+                                          _read_json(path / "optimizer.json")),
+        "lr_scheduler": _read_json(path / "lr_scheduler.json"),
+        "state": _read_json(path / STATE_FILE),
+    }
+
+
+def restore_latest(ckpt_root: Path, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                   log: Callable[[str], None]) -> Optional[dict[str, Any]]:
+    """Restore optimizer and schedule from the newest intact checkpoint; return its weights, EMA and state.
+
+    A checkpoint damaged after it was written (a truncated file, a disk error) is skipped with a message and the
+    previous one is used; None when there is no checkpoint at all.
+    """
+    ckpts = list_checkpoints(ckpt_root)
+    for path in reversed(ckpts):
+        try:
+            found = read_checkpoint(path)
+            optimizer.load_state_dict(found["optimizer"])
+            lr_scheduler.load_state_dict(found["lr_scheduler"])
+        except (DamagedFileError, KeyError, ValueError, RuntimeError) as e:
+            log(f"checkpoint {path.name} is damaged ({str(e).splitlines()[0][:200]}); trying the one before it")
+            continue
+        found["path"] = path
+        return found
+    if ckpts:
+        raise DamagedFileError(f"every checkpoint in {ckpt_root} is damaged; start the run again with a new "
+                               "--output.")
+    return None
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int, protect_step: Optional[int]) -> None:

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from sdloop.atomic import load_safetensors, save_safetensors
+from sdloop.runfolder import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 
-from sdloop.atomic import atomic_path
-
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+__all__ = ["DIFFUSERS_WEIGHT_NAME", "KOHYA_WEIGHT_NAME", "add_lora", "lora_parameters", "lora_state_dict",
+           "load_lora_state_dict", "split_prefixed", "save_diffusers_lora", "save_kohya_lora", "to_kohya",
+           "read_safetensors"]
 ADAPTER = "default"
 
 
@@ -81,13 +80,6 @@ def split_prefixed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return unet, text
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None
-                            ) -> None:
-    """Write a safetensors file so that a crash leaves either the old file or the new one, never half of one."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
 def _peft_meta(prefix: str, rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
     """The full LoraConfig as diffusers stores it (``unet.r``, ``unet.lora_alpha``, ...), JSON-safe."""
     config = lora_config(rank, alpha, 0.0, target_modules).to_dict()
@@ -117,7 +109,7 @@ def save_diffusers_lora(path: Path, unet_sd: dict[str, torch.Tensor],
         adapter_meta.update(_peft_meta("text_encoder", rank, alpha, text_targets))
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_meta, sort_keys=True)}
     metadata.update({f"sdloop.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in extra_metadata.items()})
-    atomic_save_safetensors(tensors, path, metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def to_kohya(unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
@@ -145,10 +137,9 @@ def save_kohya_lora(path: Path, unet_sd: dict[str, torch.Tensor], text_encoder_s
                 "ss_base_model_version": "sd_v1", "ss_sd_model_name": str(extra_metadata.get("base_model", "")),
                 "ss_steps": str(extra_metadata.get("steps", "")), "format": "pt"}
     metadata.update({f"sdloop.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in extra_metadata.items()})
-    atomic_save_safetensors(to_kohya(unet_sd, text_encoder_sd, alpha), path, metadata)
+    save_safetensors(path, to_kohya(unet_sd, text_encoder_sd, alpha), metadata)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and metadata of a safetensors file."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    """Read tensors and metadata of a LoRA file (``sdloop.atomic.load_safetensors``: damage is a user error)."""
+    return load_safetensors(path)

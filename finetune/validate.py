@@ -15,6 +15,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from sdloop.seeding import torch_generator
+
 
 def fixed_timesteps(num_train_timesteps: int, k: int) -> list[int]:
     """k timesteps at the centres of k equal slices of [0, T)."""
@@ -23,8 +25,7 @@ def fixed_timesteps(num_train_timesteps: int, k: int) -> list[int]:
 
 def item_noise(content_hash: str, index: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Noise that depends only on the item's content, the timestep's index and the seed (CPU generator)."""
-    g = torch.Generator().manual_seed((int(content_hash[:12], 16) * 1_000_003 + index * 7919 + seed) % (2**63 - 1))
-    return torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=torch_generator("validation-noise", seed, content_hash, index))
 
 
 def training_target(noise_scheduler: Any, prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,

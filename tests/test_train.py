@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from finetune.config import ConfigError, TrainConfig, tiny_overrides
-from finetune.train import TrainingError, diffusion_loss, train
+from finetune.step import diffusion_loss
+from finetune.train import TrainingError, train
 
 
 def _cfg(base: Path, data: Path, out: Path, **kw) -> TrainConfig:
