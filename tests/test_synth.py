@@ -62,6 +62,25 @@ def test_refuses_non_empty_dir_and_bad_arguments(tmp_path: Path) -> None:
     assert make_synthetic_dataset(empty, n=1) == empty  # an existing empty folder is fine
 
 
+@pytest.mark.parametrize("kwargs", [{"n": 2.5}, {"n": True}, {"n": 100_001}, {"n": -1}, {"size": 2049},
+                                    {"size": 15}, {"size": 64.0}])
+def test_counts_must_be_integers_in_range(tmp_path: Path, kwargs: dict) -> None:
+    args = {"n": 2, "size": 32, **kwargs}
+    name = next(iter(kwargs))
+    with pytest.raises(DatasetError, match=rf"^{name}=.* use an integer from \d+ to \d+"):
+        make_synthetic_dataset(tmp_path / "x", **args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_symlink_to_an_empty_folder_is_filled_through_the_link(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert make_synthetic_dataset(link, n=2, size=32) == link
+    assert link.is_symlink() and len(list(real.glob("*.png"))) == 2
+
+
 @pytest.mark.parametrize("caption_format", ["imagefolder", "txt"])
 def test_scan_reads_both_formats(tmp_path: Path, caption_format: str) -> None:
     out = make_synthetic_dataset(tmp_path / "d", n=6, seed=1, caption_format=caption_format)
