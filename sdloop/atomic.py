@@ -45,6 +45,7 @@ def atomic_path(path: Path, fsync: bool = True) -> Iterator[Path]:
         raise _unwritable(path, e) from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # again: some writers (safetensors) recreate the file as 0600
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -86,8 +87,10 @@ def atomic_dir(path: Path, prefix: str = "", replace: bool = True) -> Iterator[P
         raise _unwritable(path, e) from None
     try:
         yield tmp
+        mask = current_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~mask)  # writers that use private temp files (safetensors) get the umask too
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists() and replace:

@@ -97,7 +97,7 @@ def test_to_kohya_rejects_non_lora_keys() -> None:
         to_kohya({"down.weight": torch.zeros(1)}, None, 1.0)
 
 
-def test_saves_are_atomic_and_safetensors_only(tmp_path: Path) -> None:
+def test_saves_are_safetensors_only_and_bad_targets_are_named(tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,

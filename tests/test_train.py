@@ -222,8 +222,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_base, synth_data,
     assert not list((killed / "checkpoints").glob(".tmp-*")), "partial checkpoint folders are cleaned"
 
 
-def test_v_prediction_base_trains_on_the_velocity(tiny_base: Path, synth_data: Path, workspace, tmp_path) -> None:
+def test_v_prediction_base_trains_on_the_velocity(run, tiny_base: Path, synth_data: Path, workspace,
+                                                 tmp_path) -> None:
     import shutil
+
+    from diffusers import DDPMScheduler
+
+    from finetune.validate import training_target
 
     base = tmp_path / "vbase"
     shutil.copytree(tiny_base, base)
@@ -232,7 +237,14 @@ def test_v_prediction_base_trains_on_the_velocity(tiny_base: Path, synth_data: P
     result = train(_cfg(base, synth_data, tmp_path / "run", max_steps=4, validation_every=2), progress=False)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["prediction_type"] == "v_prediction"
-    assert all(map(lambda r: r["val_loss"] > 0, _val_rows(result.run_dir)))
+    # same weights, same fixed noise, same items at step 0: only the target differs, so the losses must too
+    v0 = _val_rows(result.run_dir)[0]["val_loss"]
+    eps0 = _val_rows(run.run_dir)[0]["val_loss"]
+    assert v0 != pytest.approx(eps0, rel=1e-3)
+    noise_sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
+    expected = noise_sched.alphas_cumprod[500].sqrt() * noise - (1 - noise_sched.alphas_cumprod[500]).sqrt() * latents
+    torch.testing.assert_close(training_target(noise_sched, "v_prediction", latents, noise, t), expected)
 
 
 def test_gpu_out_of_memory_names_the_settings_to_lower(tiny_base: Path, synth_data: Path, workspace, tmp_path,
@@ -256,12 +268,20 @@ def test_gpu_out_of_memory_names_the_settings_to_lower(tiny_base: Path, synth_da
     assert "Traceback" not in err
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_data_parallel_run_agrees_with_one_process(run, tiny_base: Path, synth_data: Path, tmp_path) -> None:
     """Two CPU processes (torchrun, gloo): the same fixed-noise validation loss as one process, and one
     early-stopping decision taken by both (a disagreement would hang the collective and time out)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "SDLOOP_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "sdloop.cli", "train", "--quiet", "--base", str(tiny_base), "--data", str(synth_data),
            "--output", str(out), "--max-steps", "12", "--validation-every", "2", "--resolution", "64",
            "--batch-size", "2", "--early-stopping-patience", "1", "--set", "early_stopping_min_delta=10",
