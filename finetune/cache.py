@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from finetune.augment import Size, augment_image, caption_variant, image_to_tensor, seeded_rng
-from sdloop.atomic import atomic_path
+from sdloop.atomic import DamagedFileError, load_safetensors, safetensors_shapes, save_safetensors
 from finetune.config import AugmentConfig, workspace_home
 
 CACHE_FORMAT_VERSION = 2  # 2: augmentation draws from sdloop.seeding
@@ -178,51 +178,28 @@ def latent_shape(vae: Any, bucket: Size) -> tuple[int, int, int]:
 def read_tensors(path: Path, names: Iterable[str], shapes: Optional[dict[str, tuple[int, ...]]] = None
                  ) -> Optional[dict[str, Any]]:
     """The named tensors of a safetensors file, or None when it is missing, unreadable or lacks/misshapes one."""
-    from safetensors import safe_open
-
+    names = list(names)
     try:
-        out = {}
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            for n in names:
-                if n not in keys:
-                    return None
-                t = f.get_tensor(n)
-                if shapes is not None and tuple(t.shape) != tuple(shapes[n]):
-                    return None
-                out[n] = t
-        return out
-    except Exception:  # missing, truncated, not safetensors: the caller rebuilds
+        tensors = load_safetensors(path, names)[0]
+    except DamagedFileError:  # missing, truncated, not safetensors: the caller rebuilds
         return None
+    if shapes is not None and any(tuple(tensors[n].shape) != tuple(shapes[n]) for n in names):
+        return None
+    return tensors
 
 
 def is_valid(path: Path, names: Iterable[str], shapes: dict[str, tuple[int, ...]]) -> bool:
     """Whether the file holds every named tensor with its shape, checked from the header (no tensor read)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            for n in names:
-                if n not in keys or tuple(f.get_slice(n).get_shape()) != tuple(shapes[n]):
-                    return False
-        return True
-    except Exception:  # truncated or foreign file: safetensors checks the header against the file size
-        return False
+    found = safetensors_shapes(path)
+    return found is not None and all(found.get(n) == tuple(shapes[n]) for n in names)
 
 
 def write_tensors_atomic(path: Path, tensors: dict[str, Any], metadata: Optional[dict[str, str]] = None) -> int:
-    """Write a safetensors file via a temporary file in the same folder and ``os.replace``; return its size."""
-    from safetensors.torch import save_file
-
+    """Write a safetensors file atomically (a torn file after a power cut is detected and rebuilt: no fsync)."""
     try:
-        with atomic_path(path, fsync=False) as tmp:  # a torn file after a power cut is detected and rebuilt
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        return save_safetensors(path, tensors, metadata, fsync=False)
     except OSError as e:
         raise CacheError(f"cannot write cache file {path}: {e}") from e
-    return path.stat().st_size
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -304,17 +281,11 @@ def _variant(name: str) -> Variant:
 
 def _readable_variants(path: Path, names: Sequence[str], shape: tuple[int, ...]) -> dict[str, Any]:
     """The tensors of ``names`` that an existing file holds intact with the right shape ({} when unreadable)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
+    found = safetensors_shapes(path)
+    if not found:
         return {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            got = {n: f.get_tensor(n) for n in names if n in keys}
-        return {n: t for n, t in got.items() if tuple(t.shape) == tuple(shape)}
-    except Exception:  # truncated or foreign: rebuild everything
-        return {}
+    keep = [n for n in names if found.get(n) == tuple(shape)]
+    return read_tensors(path, keep) or {} if keep else {}
 
 
 def build_text_cache(captions: Iterable[str], text_encoder: Any, tokenizer: Any, base_fingerprint: str,

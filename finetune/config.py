@@ -7,19 +7,21 @@ The defaults are a sound SD-1.5 LoRA recipe; the tiny offline base and the demo 
 
 from __future__ import annotations
 
-from sdloop.errors import UserError
-
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config_types import (MAX_SEED, ConfigError, build_dataclass, check_types, load_config_file, yaml_load)
 
-class ConfigError(UserError, ValueError):
-    """A configuration value is out of range; the message names the field and what it accepts."""
+__all__ = ["AugmentConfig", "ConfigError", "DataConfig", "SearchSpace", "TrainConfig", "apply_overrides",
+           "build_dataclass", "field_help", "load_config_file", "parse_value", "tiny_overrides"]
+
+MAX_STEPS = 100_000_000  # counts of steps beyond this cannot finish; they only overflow later arithmetic
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -32,6 +34,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {allowed}.")
+
+
+def _check_seed(name: str, value: int) -> None:
+    _check(0 <= value <= MAX_SEED, name, value, f"a seed in [0, 2**63-1 = {MAX_SEED}]")
 
 
 def workspace_home() -> Path:
@@ -61,20 +67,23 @@ class DataConfig:
     split_seed: int = _f(0, "Seed of the deterministic train/validation split.")
 
     def __post_init__(self) -> None:
+        check_types(self, "data.")
         _check(bool(self.caption_column), "data.caption_column", self.caption_column, "a non-empty column name")
-        _check(self.caption_extension.startswith("."), "data.caption_extension", self.caption_extension,
-               "an extension starting with '.', e.g. '.txt'")
+        ext = self.caption_extension
+        _check(ext.startswith(".") and 1 < len(ext) <= 32 and not any(c in ext for c in "/\\"),
+               "data.caption_extension", ext, "an extension starting with '.', e.g. '.txt' (no folders)")
         _check(1 <= self.min_side <= 8192, "data.min_side", self.min_side, "an integer in [1, 8192]")
-        _check(self.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", self.max_aspect_ratio, "a number >= 1")
-        _check(self.max_pixels >= 1, "data.max_pixels", self.max_pixels, "a positive integer")
+        _check(1.0 <= self.max_aspect_ratio <= 100.0, "data.max_aspect_ratio", self.max_aspect_ratio, "a number in [1, 100]")
+        _check(1 <= self.max_pixels <= 2**40, "data.max_pixels", self.max_pixels, "an integer in [1, 2**40]")
         _check(0 <= self.near_duplicate_distance <= 32, "data.near_duplicate_distance",
                self.near_duplicate_distance, "an integer in [0, 32]")
         _check(0 <= self.split_guard_distance <= 32, "data.split_guard_distance", self.split_guard_distance,
                "an integer in [0, 32]")
         _check(0.0 <= self.validation_split < 1.0, "data.validation_split", self.validation_split,
                "a fraction in [0, 1)")
-        _check(self.min_validation_items >= 0, "data.min_validation_items", self.min_validation_items,
-               "an integer >= 0")
+        _check(0 <= self.min_validation_items <= 1_000_000, "data.min_validation_items", self.min_validation_items,
+               "an integer in [0, 1000000]")
+        _check_seed("data.split_seed", self.split_seed)
 
 
 @dataclass
@@ -105,6 +114,7 @@ class AugmentConfig:
     seed: int = _f(0, "Seed of augmentation draws: the same seed gives the same sample at the same step.")
 
     def __post_init__(self) -> None:
+        check_types(self, "augment.")
         for name in ("crop_p", "flip_p", "rotation_p", "color_p", "caption_dropout_p"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"augment.{name}", v, "a probability in [0, 1]")
@@ -116,13 +126,14 @@ class AugmentConfig:
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"augment.{name}", v, "a strength in [0, 1]")
         _check(0.0 <= self.hue <= 0.5, "augment.hue", self.hue, "a hue shift in [0, 0.5]")
-        _check(self.keep_tokens >= 0, "augment.keep_tokens", self.keep_tokens, "an integer >= 0")
+        _check(0 <= self.keep_tokens <= 1000, "augment.keep_tokens", self.keep_tokens, "an integer in [0, 1000]")
         _check(bool(self.tag_separator), "augment.tag_separator", self.tag_separator, "a non-empty string")
         _check(1 <= self.variants <= 64, "augment.variants", self.variants, "an integer in [1, 64]")
-        _check(self.bucket_step >= 8 and self.bucket_step % 8 == 0, "augment.bucket_step", self.bucket_step,
-               "a multiple of 8, at least 8")
+        _check(8 <= self.bucket_step <= 512 and self.bucket_step % 8 == 0, "augment.bucket_step",
+               self.bucket_step, "a multiple of 8 in [8, 512]")
         _check(1.0 <= self.bucket_max_aspect <= 4.0, "augment.bucket_max_aspect", self.bucket_max_aspect,
                "a ratio in [1, 4]")
+        _check_seed("augment.seed", self.seed)
 
     def image_settings(self) -> dict[str, Any]:
         """The settings that change cached latents (caption-only settings excluded), for cache keys."""
@@ -137,6 +148,9 @@ class AugmentConfig:
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# 64 px is the smallest side a UNet with 3 downsamplings (SD's 4 blocks) takes at the VAE's factor 8; past
+# 4096 px one image's activations do not fit any GPU, so the request is refused before anything is allocated
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
@@ -166,10 +180,10 @@ class TrainConfig:
     rank: int = _f(16, "LoRA rank r.")
     alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch (regularisation).")
-    target_modules: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
+    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
     train_text_encoder: bool = _f(False, "Also train LoRA adapters on the text encoder(s).")
-    text_encoder_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
-                                           "Text-encoder modules that get LoRA adapters.")
+    text_encoder_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
+                                                "Text-encoder modules that get LoRA adapters.")
     mixed_precision: str = _f("no", f"Autocast precision, one of {MIXED_PRECISION} (bf16/fp16 need a GPU).")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the UNet.")
     prediction_type: str = _f("auto", f"Loss target, one of {PREDICTION_TYPES}; auto follows the scheduler.")
@@ -182,8 +196,8 @@ class TrainConfig:
     early_stopping_patience: int = _f(5, "Stop after this many validations without improvement; 0 disables.")
     early_stopping_min_delta: float = _f(0.0, "Improvement smaller than this does not reset the patience.")
     sample_every: int = _f(0, "Write a sample grid every N steps; 0 means at each validation.")
-    sample_prompts: list = _f([], "Prompts of the sample grid; empty takes the first validation captions.")
-    sample_seeds: list = _f([0, 1], "Seeds of the sample grid (one column each).")
+    sample_prompts: list[str] = _f([], "Prompts of the sample grid; empty takes the first validation captions.")
+    sample_seeds: list[int] = _f([0, 1], "Seeds of the sample grid (one column each).")
     sample_steps: int = _f(25, "Inference steps of the sample grid.")
     checkpoint_every: int = _f(0, "Write a resumable checkpoint every N steps; 0 means at each validation.")
     keep_checkpoints: int = _f(2, "Keep the last K checkpoints (the best is always kept).")
@@ -192,57 +206,65 @@ class TrainConfig:
                                     "(0: read the cache files every step).")
     num_workers: int = _f(0, "DataLoader workers when training without caches.")
     seed: int = _f(0, "Seed of noise, timesteps, data order and augmentation.")
-    data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset stage settings."})
-    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"help": "Augmentation settings."})
+    data_config: DataConfig = field(default_factory=DataConfig,
+                                    metadata={"help": "Dataset stage settings.", "prefix": "data."})
+    augment: AugmentConfig = field(default_factory=AugmentConfig,
+                                   metadata={"help": "Augmentation settings.", "prefix": "augment."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.data_config, dict):
-            self.data_config = DataConfig(**self.data_config)
-        if isinstance(self.augment, dict):
-            self.augment = AugmentConfig(**self.augment)
-        _check(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", self.resolution,
-               "a multiple of 8, at least 8")
+        check_types(self, "")  # types first (sections given as mappings are built here), then ranges
+        _check(MIN_RESOLUTION <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0, "resolution",
+               self.resolution, f"a multiple of 8 in [{MIN_RESOLUTION}, {MAX_RESOLUTION}]")
         _check(1 <= self.batch_size <= 1024, "batch_size", self.batch_size, "an integer in [1, 1024]")
-        _check(self.gradient_accumulation >= 1, "gradient_accumulation", self.gradient_accumulation,
-               "an integer >= 1")
-        _check(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0")
-        _check(self.epochs >= 1 or self.max_steps > 0, "epochs", self.epochs, "an integer >= 1 (or set max_steps)")
+        _check(1 <= self.gradient_accumulation <= 1024, "gradient_accumulation", self.gradient_accumulation,
+               "an integer in [1, 1024]")
+        _check(0 <= self.max_steps <= MAX_STEPS, "max_steps", self.max_steps, f"an integer in [0, {MAX_STEPS}]")
+        _check((self.epochs >= 1 or self.max_steps > 0) and self.epochs <= 1_000_000, "epochs", self.epochs,
+               "an integer in [1, 1000000] (or set max_steps)")
         _check(0.0 < self.learning_rate <= 1.0, "learning_rate", self.learning_rate, "a number in (0, 1]")
         _check(0.0 < self.text_encoder_lr <= 1.0, "text_encoder_lr", self.text_encoder_lr, "a number in (0, 1]")
         _check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", self.lr_scheduler, f"one of {LR_SCHEDULERS}")
-        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0 <= self.warmup_steps <= MAX_STEPS, "warmup_steps", self.warmup_steps,
+               f"an integer in [0, {MAX_STEPS}]")
         _check(0.0 <= self.weight_decay <= 1.0, "weight_decay", self.weight_decay, "a number in [0, 1]")
         _check(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", self.adam_beta1, "a number in [0, 1)")
         _check(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", self.adam_beta2, "a number in [0, 1)")
         _check(self.adam_epsilon > 0, "adam_epsilon", self.adam_epsilon, "a positive number")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a number >= 0")
         _check(1 <= self.rank <= 1024, "rank", self.rank, "an integer in [1, 1024]")
-        _check(self.alpha > 0, "alpha", self.alpha, "a positive number")
+        _check(0 < self.alpha <= 1e6, "alpha", self.alpha, "a number in (0, 1e6]")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "a probability in [0, 1)")
-        _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
-               "target_modules", self.target_modules, "a non-empty list of module names")
+        for name in ("target_modules", "text_encoder_target_modules"):
+            mods = getattr(self, name)
+            _check(bool(mods) and all(mods), name, mods, "a non-empty list of module names")
         _check(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
                f"one of {MIXED_PRECISION}")
         _check(self.prediction_type in PREDICTION_TYPES, "prediction_type", self.prediction_type,
                f"one of {PREDICTION_TYPES}")
-        _check(self.snr_gamma >= 0, "snr_gamma", self.snr_gamma, "a number >= 0 (0 disables)")
+        _check(0 <= self.snr_gamma <= 1e6, "snr_gamma", self.snr_gamma, "a number in [0, 1e6] (0 disables)")
         _check(0.0 <= self.noise_offset <= 1.0, "noise_offset", self.noise_offset, "a number in [0, 1]")
         _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
-        _check(self.validation_every >= 1, "validation_every", self.validation_every, "an integer >= 1")
+        _check(1 <= self.validation_every <= MAX_STEPS, "validation_every", self.validation_every,
+               f"an integer in [1, {MAX_STEPS}]")
         _check(1 <= self.validation_timesteps <= 1000, "validation_timesteps", self.validation_timesteps,
                "an integer in [1, 1000]")
-        _check(self.early_stopping_patience >= 0, "early_stopping_patience", self.early_stopping_patience,
-               "an integer >= 0 (0 disables)")
+        _check(0 <= self.early_stopping_patience <= 1_000_000, "early_stopping_patience",
+               self.early_stopping_patience, "an integer in [0, 1000000] (0 disables)")
         _check(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", self.early_stopping_min_delta,
                "a number >= 0")
-        _check(self.sample_every >= 0, "sample_every", self.sample_every, "an integer >= 0")
-        _check(all(isinstance(s, int) for s in self.sample_seeds), "sample_seeds", self.sample_seeds,
-               "a list of integers")
+        _check(0 <= self.sample_every <= MAX_STEPS, "sample_every", self.sample_every,
+               f"an integer in [0, {MAX_STEPS}]")
+        _check(len(self.sample_prompts) <= 64, "sample_prompts", self.sample_prompts, "at most 64 prompts")
+        _check(1 <= len(self.sample_seeds) <= 64 and all(0 <= s <= MAX_SEED for s in self.sample_seeds),
+               "sample_seeds", self.sample_seeds, "1 to 64 seeds, each in [0, 2**63-1]")
         _check(1 <= self.sample_steps <= 1000, "sample_steps", self.sample_steps, "an integer in [1, 1000]")
-        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        _check(self.cache_memory_mb >= 0, "cache_memory_mb", self.cache_memory_mb, "an integer >= 0 (MB)")
+        _check(0 <= self.checkpoint_every <= MAX_STEPS, "checkpoint_every", self.checkpoint_every,
+               f"an integer in [0, {MAX_STEPS}]")
+        _check(1 <= self.keep_checkpoints <= 1000, "keep_checkpoints", self.keep_checkpoints, "an integer in [1, 1000]")
+        _check(0 <= self.num_workers <= 256, "num_workers", self.num_workers, "an integer in [0, 256]")
+        _check(0 <= self.cache_memory_mb <= 1 << 24, "cache_memory_mb", self.cache_memory_mb,
+               "an integer in [0, 16777216] (MB)")
+        _check_seed("seed", self.seed)
 
     # -- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -253,50 +275,48 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a (possibly partial, possibly nested) mapping; unknown keys are named in the error."""
+        """Build from a (possibly partial, possibly nested) mapping; unknown keys and wrong types are named."""
         return build_dataclass(cls, values, prefix="")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist.")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of keys to values.")
-        return cls.from_dict(values)
+        """Build from a YAML file (read by ``load_config_file``: every problem with the file is one line)."""
+        return cls.from_dict(load_config_file(path))
 
 
 _NESTED = {"data_config": DataConfig, "augment": AugmentConfig}
 
 
-def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """Instantiate a config dataclass from a mapping, naming unknown keys and coercing nested mappings."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-                          f"known keys: {', '.join(sorted(names))}.")
-    kwargs: dict[str, Any] = {}
-    for k, v in values.items():
-        if k in _NESTED and isinstance(v, dict):
-            v = build_dataclass(_NESTED[k], v, prefix=f"{prefix}{k}.")
-        kwargs[k] = v
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a wrong type that the checks could not compare
-        raise ConfigError(f"bad config value: {e}") from None
+def declared_type(parts: list[str]) -> Any:
+    """The declared type of the TrainConfig key ``parts`` (e.g. ["augment", "flip_p"]), or None if unknown."""
+    cls: Any = TrainConfig
+    for i, name in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            return None
+        tp = hints[name]
+        if i == len(parts) - 1:
+            return tp
+        if not dataclasses.is_dataclass(tp):
+            return None
+        cls = tp
+    return None
 
 
-def parse_value(text: str) -> Any:
-    """Parse a command-line override value with YAML rules (numbers, booleans, lists)."""
+def parse_value(text: str, declared: Any = None) -> Any:
+    """Parse a command-line override value with YAML 1.2 rules (numbers, true/false, [lists]).
+
+    A key declared as a string takes the text as typed (so ``--set mixed_precision=no`` is "no", and a prompt or a
+    path is never turned into a number), unquoted if it is a quoted YAML string; text that is not valid YAML stays
+    text, for the type check to name.
+    """
     try:
-        return yaml.safe_load(text)
+        value = yaml_load(text)
     except yaml.YAMLError:
         return text
+    if declared is str and not isinstance(value, str):
+        return text
+    return value
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -312,10 +332,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             parts[0] = "data_config"
         target = out
         for p in parts[:-1]:
-            target = target.setdefault(p, {})
+            if target.get(p) is None:
+                target[p] = {}
+            target = target[p]
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section.")
-        target[parts[-1]] = parse_value(raw)
+        target[parts[-1]] = parse_value(raw, declared_type(parts))
     return out
 
 
@@ -357,25 +379,31 @@ TINY_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"
 
 @dataclass
 class SearchSpace:
-    """Ranges of the hyperparameter search (log-uniform for rates)."""
+    """Ranges of the hyperparameter search (log-uniform for rates); every bound must be a value TrainConfig takes."""
 
-    learning_rate: tuple = _f((1e-5, 1e-3), "Learning-rate range (log-uniform).")
-    rank: list = _f([4, 8, 16, 32], "Ranks to try.")
-    lora_dropout: tuple = _f((0.0, 0.3), "LoRA dropout range.")
-    weight_decay: tuple = _f((1e-4, 1e-1), "Weight-decay range (log-uniform).")
-    batch_size: list = _f([1, 2, 4], "Batch sizes to try.")
+    learning_rate: list[float] = _f([1e-5, 1e-3], "Learning-rate range [low, high] (log-uniform).")
+    rank: list[int] = _f([4, 8, 16, 32], "Ranks to try.")
+    lora_dropout: list[float] = _f([0.0, 0.3], "LoRA dropout range [low, high].")
+    weight_decay: list[float] = _f([1e-4, 1e-1], "Weight-decay range [low, high] (log-uniform).")
+    batch_size: list[int] = _f([1, 2, 4], "Batch sizes to try.")
 
     def __post_init__(self) -> None:
+        check_types(self, "search.")
         for name in ("learning_rate", "lora_dropout", "weight_decay"):
-            v = tuple(getattr(self, name))
+            v = getattr(self, name)
             _check(len(v) == 2 and v[0] <= v[1], f"search.{name}", v, "a [low, high] pair with low <= high")
-            setattr(self, name, v)
-        _check(0 < self.learning_rate[0], "search.learning_rate", self.learning_rate, "positive bounds")
-        _check(0 < self.weight_decay[0], "search.weight_decay", self.weight_decay, "positive bounds (log scale)")
-        _check(0 <= self.lora_dropout[0] and self.lora_dropout[1] < 1, "search.lora_dropout", self.lora_dropout,
-               "bounds in [0, 1)")
-        _check(bool(self.rank) and all(int(r) >= 1 for r in self.rank), "search.rank", self.rank,
-               "a non-empty list of positive integers")
-        _check(bool(self.batch_size) and all(int(b) >= 1 for b in self.batch_size), "search.batch_size",
-               self.batch_size, "a non-empty list of positive integers")
+        _check(self.weight_decay[0] > 0, "search.weight_decay", self.weight_decay,
+               "positive bounds (the range is searched on a log scale)")
+        for name in ("rank", "batch_size"):
+            _check(1 <= len(getattr(self, name)) <= 64, f"search.{name}", getattr(self, name),
+                   "a list of 1 to 64 values to try")
+        for name in ("learning_rate", "lora_dropout", "weight_decay", "rank", "batch_size"):
+            for v in getattr(self, name):  # each bound and choice must be a value the trainer accepts
+                try:
+                    TrainConfig(**{name: v})
+                except ConfigError as e:
+                    raise ConfigError(f"search.{name}={getattr(self, name)!r} is outside what training takes: "
+                                      f"{e}") from None
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

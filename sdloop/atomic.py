@@ -164,3 +164,15 @@ def load_safetensors(path: Path, names: Optional[list[str]] = None
         raise DamagedFileError(f"{path} cannot be read as safetensors ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged: delete it and "
                                "re-create it.") from None
+
+
+def safetensors_shapes(path: Path) -> Optional[dict[str, tuple[int, ...]]]:
+    """The tensor names and shapes of a safetensors file from its header alone (no tensor is read), or None when the
+    file is missing, truncated or not safetensors (safetensors checks the header against the file size)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - any unreadable file is "not a valid file" to the caller
+        return None

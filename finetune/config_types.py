@@ -1,0 +1,253 @@
+"""Typed config values: the one YAML loader and the check of every key against its declared type.
+
+Why a module of its own: a value of the wrong type must be refused, not coerced. Before this check,
+``--set sample_prompts=hello`` became five one-letter prompts, ``max_steps=2.5`` trained 3 steps and
+``augment.flip_p=yes`` meant probability 1. Each config dataclass calls ``check_types`` first in its
+``__post_init__``, before its range checks, so the range checks only ever compare numbers with numbers.
+
+The loader reads YAML 1.2 scalars: ``1e-4`` is a number (PyYAML's YAML 1.1 reads it as the string "1e-4") and only
+``true``/``false`` are booleans (YAML 1.1 also turns ``no``, ``yes``, ``on``, ``off`` into booleans, so
+``mixed_precision: no`` would have been ``False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+import stat
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdloop.errors import UserError
+from sdloop.seeding import MAX_SEED  # torch and numpy take 64-bit seeds; sdloop's derived seeds are 63-bit
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KB; anything past 1 MiB is not one
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (true/false only) and floats (``1e-4`` without a dot)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with the config loader (YAML 1.2 booleans and floats); raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line out of PyYAML's multi-line message: what is wrong and where."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping: the one place that reads config files and words their errors.
+
+    Only a regular file is read (a FIFO would hang), at most ``MAX_CONFIG_BYTES``; a missing file, a folder, bytes
+    that are not UTF-8, broken YAML and a document that is not a mapping are each one ``ConfigError`` line.
+    An empty file is an empty mapping.
+    """
+    p = Path(path).expanduser()
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist; check the path.") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"config file {p} is a folder; pass a YAML file (e.g. train.yaml).")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"config file {p} is not a regular file; pass a YAML file.")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {p} is {st.st_size} bytes; a config is a small YAML file "
+                          f"(at most {MAX_CONFIG_BYTES} bytes).")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8.") from None
+    try:
+        values = yaml_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}.") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys to values (key: value lines), "
+                          f"not a {_kind(values)}.")
+    return values
+
+
+# ---- type checks -------------------------------------------------------------------------------------------------
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
+            float: "number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_EXPECTED = {bool: "true or false (bool)", int: "an integer (int)", float: "a number (float)",
+             str: "a string (str)"}
+_ELEMENT = {str: ("strings", 'e.g. ["a", "b"]'), int: ("integers", "e.g. [4, 8]"),
+            float: ("numbers", "e.g. [0.0001, 0.001]")}
+
+
+def expected_text(tp: Any) -> str:
+    """How an error names a declared type: 'a number (float)', 'a list of strings (list[str]), e.g. [...]'."""
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        words, example = _ELEMENT[elem]
+        return f"a list of {words} (list[{elem.__name__}]), {example}"
+    if dataclasses.is_dataclass(tp):
+        return "a section of key: value lines (a mapping)"
+    return _EXPECTED[tp]
+
+
+def _hint(value: Any, tp: Any) -> str:
+    if isinstance(value, bool) and tp is str:
+        return "; quote it in YAML (e.g. \"no\")"
+    if isinstance(value, str) and tp in (int, float) and _is_number(value):
+        return "; write the number without quotes"
+    if isinstance(value, str) and typing.get_origin(tp) is list:
+        return "; a single item is written [item]"
+    return ""
+
+
+def _is_float_word(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _wrong(name: str, value: Any, tp: Any) -> ConfigError:
+    if tp is float and isinstance(value, str) and not _is_number(value) and _is_float_word(value):
+        return ConfigError(f"{name}={_short(value)} is invalid: expected a finite number (float).")
+    return ConfigError(f"{name}={_short(value)} has the wrong type: expected {expected_text(tp)}{_hint(value, tp)}.")
+
+
+def _accepts(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the declared scalar type (an int is a float; a bool is neither int nor float)."""
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    raise TypeError(f"unsupported config type {tp!r}")  # a declaration this module does not know: a bug
+
+
+def _normalised(name: str, shown: Any, value: Any, tp: Any) -> Any:
+    """A value of the right type, normalised: ints in float slots become floats; no infinities, NaNs or NULs."""
+    if tp is float:
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}={_short(shown)} is invalid: expected a finite number (float).")
+        return number
+    if tp is str and "\x00" in value:
+        raise ConfigError(f"{name}={_short(shown)} is invalid: it contains a NUL byte.")
+    return value
+
+
+def check_value(name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the declared type ``tp`` (scalar or list[scalar]) and normalised.
+
+    Lists come back as lists (a tuple is accepted), ints in float slots as floats. Sections (dataclass types) are
+    handled by ``check_types``.
+    """
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or not all(_accepts(v, elem) for v in value):
+            raise _wrong(name, value, tp)
+        return [_normalised(name, value, v, elem) for v in value]
+    if not _accepts(value, tp):
+        raise _wrong(name, value, tp)
+    return _normalised(name, value, value, tp)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_types(obj: Any, prefix: str) -> None:
+    """Check every field of config dataclass ``obj`` against its annotation, normalising in place.
+
+    A nested section (a field whose type is a dataclass) may be given as a mapping (built with ``build_dataclass``
+    and the field's ``prefix`` metadata, so its errors say e.g. ``augment.flip_p``), ``None`` (its defaults) or an
+    instance; anything else is named as the wrong type.
+    """
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp, value, name = hints[f.name], getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = tp()
+            elif isinstance(value, Mapping):
+                value = build_dataclass(tp, value, prefix=f.metadata.get("prefix", name + "."))
+            elif not isinstance(value, tp):
+                raise _wrong(name, value, tp)
+        else:
+            value = check_value(name, value, tp)
+        setattr(obj, f.name, value)
+
+
+def build_dataclass(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate a config dataclass from a mapping, naming unknown keys (with their section prefix)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={_short(values)} has the wrong type: expected "
+                          "a section of key: value lines (a mapping).")
+    names = {f.name for f in dataclasses.fields(cls)}
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"config key {prefix}{_short(odd[0])} is not a name; keys are words like learning_rate.")
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"known keys: {', '.join(sorted(names))}.")
+    return cls(**values)
