@@ -150,7 +150,8 @@ class AugmentConfig:
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # 64 px is the smallest side a UNet with 3 downsamplings (SD's 4 blocks) takes at the VAE's factor 8; past
 # 4096 px one image's activations do not fit any GPU, so the request is refused before anything is allocated
-MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
+# the base decides the true minimum (its VAE and UNet downsampling): the trainer checks it against the loaded model
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -22,6 +23,17 @@ def _torch_threads() -> None:
     import torch
 
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _no_traceback_for_user_mistakes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that captured output, no traceback may have reached the user's terminal: a user mistake is
+    one line. Tests that read stderr themselves keep doing so; this reads what they left."""
+    capsys = request.getfixturevalue("capsys") if "capsys" in request.fixturenames else None
+    yield
+    if capsys is not None:
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" not in err, err[-2000:]
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +77,12 @@ def tiny_run(tiny_base: Path, synth_data: Path, tmp_path_factory: pytest.TempPat
         mp.setenv("SDLOOP_HOME", str(tmp_path_factory.mktemp("run-home")))
         train(cfg, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def drawing_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped drawing base (the tiny SD-1.x pipeline pretrained on synthetic shapes), copied once per session.
+    Use it where images must mean something; treat it as read-only."""
+    from finetune.base import write_drawing_base
+
+    return write_drawing_base(tmp_path_factory.mktemp("drawing") / "tiny-drawing")

@@ -49,7 +49,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     ("augment=3", "augment=3 has the wrong type"), ("data_config=[1]", "data_config=[1] has the wrong type"),
     ("augment={flip_p: yes}", "augment.flip_p='yes'"), ("data_config={bogus: 1}", "data.bogus"),
     ("sample_seeds=[0, a]", "sample_seeds=[0, 'a'] has the wrong type"), ("sample_seeds=[]", "sample_seeds=[]"),
-    ("resolution=65536", "resolution=65536 is invalid"), ("resolution=16", "resolution=16 is invalid"),
+    ("resolution=65536", "resolution=65536 is invalid"), ("resolution=12", "resolution=12 is invalid"),
     ("data.caption_extension=/x", "data.caption_extension='/x'"), ("data=a\x00b", "contains a NUL byte"),
     ("lr_scheduler=[cosine]", "lr_scheduler='[cosine]' is invalid"), ("gradient_accumulation=0.5", "gradient_acc"),
     ("augment.variants=1000", "augment.variants=1000 is invalid"), ("no_such_key=1", "unknown config key"),

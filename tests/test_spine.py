@@ -133,7 +133,7 @@ def test_a_failed_start_leaves_a_folder_that_a_rerun_can_use(tiny_base, synth_da
     err = capsys.readouterr().err
     assert "target_modules" in err and "Traceback" not in err
     assert main(_args(tiny_base, synth_data, out, "--resolution", "16")) == 2
-    assert "resolution=16" in capsys.readouterr().err
+    assert "resolution=16 does not fit this base" in capsys.readouterr().err
     assert main(_args(tiny_base, synth_data, out)) == 0, "the same folder works once the mistake is fixed"
     assert RunFolder(out).is_finished()
 
