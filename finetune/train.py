@@ -37,6 +37,10 @@ class TrainingError(UserError):
     """Training cannot go on (bad input, NaN loss, out of memory); the message says what to change."""
 
 
+class DivergedError(TrainingError):
+    """The loss became NaN or infinite; the message names the step, the last good checkpoint and the likely cause."""
+
+
 class StopReason(str, enum.Enum):
     """Why a run stopped (stored in checkpoints and the manifest)."""
 
@@ -199,7 +203,7 @@ def decide(state: TrainState, val: float, step: int, cfg: TrainConfig, hooks: Tr
     return improved
 
 
-def _nan_error(cfg: TrainConfig, run: RunFolder, value: float, step: int) -> TrainingError:
+def _nan_error(cfg: TrainConfig, run: RunFolder, value: float, step: int) -> DivergedError:
     last = list_checkpoints(run.checkpoints_dir)
     where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
     if cfg.alpha / cfg.rank > 64:
@@ -207,7 +211,7 @@ def _nan_error(cfg: TrainConfig, run: RunFolder, value: float, step: int) -> Tra
     else:
         cause = (f"the learning rate ({cfg.learning_rate}) is too high, or {cfg.mixed_precision} precision "
                  "overflowed; lower --learning-rate, keep max_grad_norm > 0, or use bf16 / mixed_precision=no")
-    return TrainingError(f"the loss became {value} at step {step + 1}; {where}. Likely cause: {cause}.")
+    return DivergedError(f"the loss became {value} at step {step + 1}; {where}. Likely cause: {cause}.")
 
 
 def loop(cfg: TrainConfig, run: RunFolder, ctx: Context, data: Data, m: Model, state: TrainState, step: int,

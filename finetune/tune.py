@@ -311,7 +311,7 @@ def tune(base_cfg: TrainConfig, tune_dir: Path, n_trials: int, space: Optional[S
     """
     import optuna
 
-    from .train import StopReason, TrainingError, train
+    from .train import DivergedError, StopReason, train
 
     if not 0 <= n_trials <= MAX_TRIALS:
         raise TuneError(f"--trials={n_trials} is invalid: a number of trials in [0, {MAX_TRIALS}].")
@@ -346,7 +346,7 @@ def tune(base_cfg: TrainConfig, tune_dir: Path, n_trials: int, space: Optional[S
 
             try:
                 result = train(TrainConfig.from_dict(values), resume=resume, progress=progress, on_validation=report)
-            except TrainingError as e:  # a diverged (or out-of-memory) trial is a bad trial, not a failed search
+            except DivergedError as e:  # a diverged trial is a bad trial, not a failed search; other errors stop it
                 trial.set_user_attr("error", str(e))
                 raise optuna.TrialPruned(str(e)) from None
             except KeyboardInterrupt:  # optuna marks it failed; the next `sdloop tune` retries it in its folder
