@@ -10,9 +10,6 @@ angle across configurations.
 
 from __future__ import annotations
 
-from sdloop.seeding import py_rng
-
-import hashlib
 import math
 import random
 import re
@@ -21,6 +18,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+from sdloop.seeding import py_rng
 
 from finetune.config import AugmentConfig
 

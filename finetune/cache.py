@@ -19,8 +19,6 @@ The functions that turn an item into pixels, latents and text embeddings live he
 
 from __future__ import annotations
 
-from sdloop.errors import UserError
-
 import hashlib
 import json
 import time
@@ -28,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from finetune.augment import Size, augment_image, caption_variant, image_to_tensor, seeded_rng
+from sdloop import workspace
 from sdloop.atomic import DamagedFileError, load_safetensors, safetensors_shapes, save_safetensors
-from finetune.config import AugmentConfig, workspace_home
+from sdloop.errors import UserError
+
+from finetune.augment import Size, augment_image, caption_variant, image_to_tensor, seeded_rng
+from finetune.config import AugmentConfig
 
 CACHE_FORMAT_VERSION = 2  # 2: augmentation draws from sdloop.seeding
 ENCODE_BATCH = 8  # images per VAE call; text encoder calls take 4x as many captions
@@ -60,7 +61,7 @@ class CacheStats:
 
 
 def default_cache_root() -> Path:
-    return workspace_home() / "cache"
+    return workspace.cache_dir()
 
 
 # -- keys ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ The defaults are a sound SD-1.5 LoRA recipe; the tiny offline base and the demo 
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from .config_types import (MAX_SEED, ConfigError, build_dataclass, check_types, load_config_file, yaml_load)
+from sdloop.configfile import ConfigError, load_config_file, yaml_load
+
+from .config_types import MAX_SEED, build_dataclass, check_types
 
 __all__ = ["AugmentConfig", "ConfigError", "DataConfig", "SearchSpace", "TrainConfig", "apply_overrides",
            "build_dataclass", "field_help", "load_config_file", "parse_value", "tiny_overrides"]
@@ -38,11 +39,6 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 def _check_seed(name: str, value: int) -> None:
     _check(0 <= value <= MAX_SEED, name, value, f"a seed in [0, 2**63-1 = {MAX_SEED}]")
-
-
-def workspace_home() -> Path:
-    """The workspace root: ``$SDLOOP_HOME`` or ``./sdloop-home``; runs, caches, stores live under it."""
-    return Path(os.environ.get("SDLOOP_HOME", "sdloop-home")).expanduser()
 
 
 @dataclass
