@@ -8,17 +8,22 @@ The same seed gives the same bytes, so caches and tests are reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
 import random
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sdloop.atomic import atomic_dir
+from sdloop.atomic import atomic_dir, check_writable_dir
+from sdloop.seeding import py_rng
 from finetune.data import DatasetError
+from finetune.data_files import display
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -32,6 +37,17 @@ POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bot
              "centre": (0.5, 0.5)}
 SIZES = {"small": 0.16, "large": 0.30}  # radius as a fraction of the image side
 CAPTION_FORMATS = ("imagefolder", "txt")
+N_RANGE = (1, 100_000)       # images: the synthetic set is for tests and demos
+SIZE_RANGE = (16, 2048)      # pixels per side
+# Words the default data never uses: ``concept="brown"`` (a colour; also "pink") or "tiny" (a size) puts one into a
+# share of the images, so a fine-tune has something to learn that the pretrained drawing base cannot already draw.
+# The demo teaches "brown": the drawing base's VAE decodes it (81% of brown images come back brown) but not pink
+# (9%), which caps what a UNet LoRA can teach.
+CONCEPT_COLOURS = {"brown": (140, 80, 30), "pink": (255, 105, 180)}
+CONCEPT_SIZES = {"tiny": 0.08}
+CONCEPTS = ("brown", "tiny", "pink")
+ALL_COLOURS = {**COLOURS, **CONCEPT_COLOURS}
+ALL_SIZES = {**SIZES, **CONCEPT_SIZES}
 
 
 def _background(size: int, colour: tuple[int, int, int], rng: random.Random) -> Image.Image:
@@ -68,10 +84,11 @@ def _draw_shape(img: Image.Image, shape: str, centre: tuple[float, float], r: fl
         draw.polygon(_polygon(cx, cy, r * 1.3, 5, angle - math.pi / 2, inner=0.45), fill=fill)
 
 
-def _sample(rng: random.Random, size: int) -> tuple[Image.Image, str]:
-    """Draw one image and its caption."""
+def _sample(rng: random.Random, size: int, concept: Optional[str] = None) -> tuple[Image.Image, str]:
+    """Draw one image and its caption; ``concept`` (one of CONCEPTS) replaces the drawn colour or size."""
     shape = rng.choice(SHAPES)
-    colour = rng.choice(sorted(COLOURS))
+    colour = rng.choice(sorted(COLOURS))  # drawn even when replaced, so every other draw stays the same
+    colour = concept if concept in CONCEPT_COLOURS else colour
     background = rng.choice(sorted(BACKGROUNDS))
     position = rng.choice(sorted(POSITIONS))
     scale = rng.choice(sorted(SIZES))
@@ -79,8 +96,9 @@ def _sample(rng: random.Random, size: int) -> tuple[Image.Image, str]:
     fx, fy = POSITIONS[position]
     jitter = 0.06
     centre = ((fx + rng.uniform(-jitter, jitter)) * size, (fy + rng.uniform(-jitter, jitter)) * size)
-    r = SIZES[scale] * size * rng.uniform(0.85, 1.15)
-    _draw_shape(img, shape, centre, r, COLOURS[colour], rng.uniform(-0.4, 0.4))
+    scale = concept if concept in CONCEPT_SIZES else scale
+    r = ALL_SIZES[scale] * size * rng.uniform(0.85, 1.15)
+    _draw_shape(img, shape, centre, r, ALL_COLOURS[colour], rng.uniform(-0.4, 0.4))
     where = "in the centre" if position == "centre" else f"on the {position}" if position in ("left", "right") \
         else f"at the {position}"
     return img, f"a {scale} {colour} {shape} {where}, {background} background"
@@ -92,28 +110,86 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def draw_samples(n: int, seed: int = 0, size: int = 64, concept: Optional[str] = None,
+                 concept_share: float = 0.5) -> Iterator[tuple[Image.Image, str]]:
+    """Yield ``n`` (image, caption) pairs in memory: the images ``make_synthetic_dataset`` writes, same seed.
+
+    With ``concept`` (one of CONCEPTS), each image independently (a draw of its own, seeded by the seed and its
+    index) shows the concept (its colour or size) with probability ``concept_share``; all other draws are those
+    of the same seed without a concept.
+    """
+    _check_concept(concept, concept_share)
+    rng = random.Random(seed)
+    for i in range(n):
+        use = concept is not None and py_rng(seed, "concept", concept, i).random() < concept_share
+        yield _sample(rng, size, concept if use else None)
+
+
+def _check_concept(concept: Optional[str], concept_share: float) -> None:
+    if concept is not None and concept not in CONCEPTS:
+        raise DatasetError(f"concept={concept!r} is unknown: use one of {CONCEPTS}.")
+    if not 0.0 <= concept_share <= 1.0:
+        raise DatasetError(f"concept_share={concept_share} is invalid: use a share between 0 and 1.")
+
+
+def _check_counts(n: int, size: int) -> None:
+    """``n`` and ``size`` are integers in range: a typo like --size 640000 must not try to draw 4e11 pixels."""
+    for name, value, (lo, hi), unit in (("n", n, N_RANGE, "images"), ("size", size, SIZE_RANGE, "pixels wide")):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise DatasetError(f"{name}={value!r} is invalid: use an integer from {lo} to {hi} ({unit}).")
+
+
+def _check_destination(out: Path) -> Path:
+    """The folder to build (a symlink's target); DatasetError unless it is new or empty and its place writable."""
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out
+    if target.exists() and not target.is_dir():
+        raise DatasetError(f"{display(out)} is a file, not a folder; pass a new folder (nothing was overwritten).")
+    try:
+        full = target.is_dir() and any(target.iterdir())
+    except OSError as e:
+        raise DatasetError(f"cannot look into {display(out)}: {e.strerror or e}; pass a new folder.") from None
+    if full:
+        raise DatasetError(f"{display(out)} already exists and is not empty; pass a new folder (nothing was "
+                           "overwritten).")
+    parent = target.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DatasetError(f"cannot write {display(out)}: {display(parent)} is a file, not a folder; pass a folder "
+                           "path.")
+    check_writable_dir(parent, f"the folder of {display(out)},")  # a real probe: root ignores permission bits
+    return target
+
+
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[Path]:
+    """``atomic_dir`` whose OS failures (full disk, a folder that refuses files) are one line, not a traceback."""
+    try:
+        with atomic_dir(target) as tmp:
+            yield tmp
+    except OSError as e:
+        raise DatasetError(f"cannot write {display(target)}: {e.strerror or e}; choose a folder you can write to "
+                           "(nothing was left behind).") from None
+
+
 def make_synthetic_dataset(out_dir: str | Path, n: int, seed: int = 0, size: int = 64,
-                           caption_format: str = "imagefolder") -> Path:
+                           caption_format: str = "imagefolder", concept: Optional[str] = None,
+                           concept_share: float = 0.5) -> Path:
     """Write ``n`` captioned shape images to ``out_dir`` and return its path.
 
     ``caption_format`` "imagefolder" writes ``metadata.jsonl`` (file_name, text); "txt" writes same-stem ``.txt``
     captions. The folder is built beside ``out_dir`` and renamed into place, so a crash never leaves half a dataset.
+    ``concept`` / ``concept_share``: see ``draw_samples``.
     """
     out = Path(out_dir)
-    if n < 1:
-        raise DatasetError(f"n={n} is invalid: make at least 1 image.")
-    if size < 16:
-        raise DatasetError(f"size={size} is invalid: images must be at least 16 pixels wide.")
+    _check_counts(n, size)
+    _check_concept(concept, concept_share)
     if caption_format not in CAPTION_FORMATS:
         raise DatasetError(f"caption_format={caption_format!r} is invalid: use one of {CAPTION_FORMATS}.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatasetError(f"{out} already exists and is not empty; pass a new folder (nothing was overwritten).")
-    with atomic_dir(out) as tmp:  # an existing `out` is empty (checked above)
-        rng = random.Random(seed)
+    with _writing(_check_destination(out)) as tmp:  # an existing `out` is empty (checked there)
         lines = []
         width = max(4, len(str(n - 1)))
-        for i in range(n):
-            img, caption = _sample(rng, size)
+        for i, (img, caption) in enumerate(draw_samples(n, seed, size, concept, concept_share)):
             name = f"img_{i:0{width}d}.png"
             (tmp / name).write_bytes(_png_bytes(img))
             if caption_format == "txt":
