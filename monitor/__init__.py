@@ -1,1 +1,2 @@
-"""The monitoring stage: Evidently reports, retraining policy and scheduler (later issue)."""
+"""The monitoring stage: the monitoring store (monitor/store.py: generation log and feedback behind SQLAlchemy),
+then Evidently reports, the retraining policy and the scheduler (later issue)."""

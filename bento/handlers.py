@@ -1,0 +1,140 @@
+"""The work behind each endpoint, kept beside the service so ``service.py`` stays one screen.
+
+Every error is a JSON body ``{"error": what happened and what to do, "status": one word}`` with its HTTP status:
+400 for a request the model cannot take (prompt too long), 404 unknown generation, 401/403 admin auth, 503 not
+ready, 504 deadline (``status: "timeout"``). Records are committed to the store before the answer goes out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from starlette.responses import JSONResponse, Response
+
+from bento.runtime import ERRORS, FEEDBACK, GENERATIONS, LATENCY, DeadlineExceeded, ModelHolder, NotReady, \
+    PromptTooLong, SizeNotSupported
+from bento.schemas import FeedbackRequest, FeedbackResponse, GeneratedImage, Txt2ImgRequest, Txt2ImgResponse
+
+ADMIN_TOKEN_ENV = "SDLOOP_ADMIN_TOKEN"
+IMAGE_DIR_ENV = "SDLOOP_IMAGE_DIR"
+
+
+def error(status: int, word: str, message: str, endpoint: str) -> JSONResponse:
+    ERRORS.labels(endpoint=endpoint, reason=word).inc()
+    return JSONResponse({"error": message, "status": word}, status_code=status)
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _save_image(data: bytes, generation_id: str) -> Optional[str]:
+    """Keep the PNG under $SDLOOP_IMAGE_DIR/YYYY-MM-DD/ID.png when configured (e.g. a mounted volume)."""
+    folder = os.environ.get(IMAGE_DIR_ENV)
+    if not folder:
+        return None
+    from sdloop.atomic import write_bytes_atomic
+
+    path = Path(folder).expanduser().resolve() / time.strftime("%Y-%m-%d", time.gmtime()) / f"{generation_id}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+    return str(path)
+
+
+def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool) -> Any:
+    """Generate, log every image (descriptors, parameters, latency, version), and answer PNG or JSON."""
+    from sdloop.descriptors import image_descriptors
+
+    endpoint = "txt2img" if png else "txt2img_json"
+    req = Txt2ImgRequest.model_construct(**params)
+    if png and req.num_images != 1:
+        return error(400, "invalid", "num_images: the PNG endpoint returns one image; use /txt2img_json for "
+                                     "several", endpoint)
+    if req.seed is None:
+        req.seed = secrets.randbelow(2**31)
+    started = time.monotonic()
+    try:
+        tag, images = model.generate(req, started + req.timeout_s)
+    except DeadlineExceeded as e:
+        return error(504, "timeout", f"{e}; raise timeout_s (at most 3600) or ask for fewer steps or pixels",
+                     endpoint)
+    except NotReady as e:
+        return error(503, "not_ready", f"no model is loaded ({e}); promote a champion with `sdloop models "
+                                       "promote TAG` and wait for /readyz", endpoint)
+    except PromptTooLong as e:
+        return error(400, "prompt_too_long", str(e), endpoint)
+    except SizeNotSupported as e:
+        return error(400, "invalid", str(e), endpoint)
+    latency = time.monotonic() - started
+    LATENCY.observe(latency)
+    params_logged = req.model_dump(exclude={"prompt", "negative_prompt"})
+    out = []
+    for seed, image in images:
+        data = _png(image)
+        gid = uuid.uuid4().hex
+        store.log_generation(prompt=req.prompt, negative_prompt=req.negative_prompt,
+                             params={**params_logged, "seed": seed, "backend": model.backend}, model_version=tag,
+                             latency_s=latency, descriptors=image_descriptors(image),
+                             image_path=_save_image(data, gid), generation_id=gid)
+        GENERATIONS.labels(model_version=tag).inc()
+        out.append(GeneratedImage(generation_id=gid, seed=seed, image_png_base64=base64.b64encode(data).decode()))
+    if png:
+        return Response(base64.b64decode(out[0].image_png_base64), media_type="image/png",
+                        headers={"X-Generation-Id": out[0].generation_id, "X-Seed": str(out[0].seed),
+                                 "X-Model-Version": tag, "X-Latency-S": f"{latency:.4f}"})
+    return Txt2ImgResponse(model_version=tag, latency_s=round(latency, 4), images=out)
+
+
+def with_status(ctx: Any, resp: Any) -> Any:
+    """BentoML copies ctx.response.status_code onto the answer of an API that takes a context: carry ours over."""
+    if isinstance(resp, Response):
+        ctx.response.status_code = resp.status_code
+    return resp
+
+
+def feedback(store: Any, params: dict[str, Any], request: Any) -> Any:
+    """Store (or replace) a client's feedback on a generation; 404 for an id never logged."""
+    from monitor.store import UnknownGeneration
+
+    fb = FeedbackRequest.model_construct(**params)
+    client = fb.client_id or request.headers.get("x-client-id") or \
+        (request.client.host if request.client else "anonymous")
+    try:
+        row = store.add_feedback(fb.generation_id, client, rating=fb.rating,
+                                 thumbs=None if fb.thumbs is None else (1 if fb.thumbs == "up" else -1),
+                                 comment=fb.comment, tags=list(fb.tags or []))
+    except UnknownGeneration:
+        return error(404, "not_found", f"generation_id {fb.generation_id!r} is unknown: use the generation_id a "
+                                       "txt2img answer returned", "feedback")
+    FEEDBACK.labels(kind="update" if row["updated_existing"] else "new").inc()
+    return FeedbackResponse(status="stored", feedback_id=row["id"], updated=row["updated_existing"])
+
+
+def admin_reload(model: ModelHolder, request: Any) -> Any:
+    """Load the champion now. Needs ``Authorization: Bearer $SDLOOP_ADMIN_TOKEN``; disabled (403) without a token."""
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if not token:
+        return error(403, "disabled", f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} on the server to "
+                                      "enable them", "admin_reload")
+    given = request.headers.get("authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+        resp = error(401, "unauthorized", "send the admin token as 'Authorization: Bearer TOKEN'", "admin_reload")
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+    before = model.version
+    try:
+        now = model.refresh(force=True)
+    except Exception as e:  # noqa: BLE001 - the old model keeps serving; say why the new one did not load
+        return error(500, "reload_failed", f"loading the champion failed ({type(e).__name__}: {e}); still "
+                                           f"serving {before}", "admin_reload")
+    return {"status": "ok", "previous": before, "model_version": now}

@@ -1,0 +1,96 @@
+"""Request and response models of the service: bounds live here, so a bad request is a 400 that names the field.
+
+Limits that depend on the deployment (largest side, most steps, default deadline) come from the environment so an
+operator can raise them for a GPU without editing code; the defaults suit CPU serving.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+MAX_SIDE = _env_int("SDLOOP_MAX_SIDE", 1024)
+MAX_STEPS = _env_int("SDLOOP_MAX_STEPS", 200)
+MAX_IMAGES = _env_int("SDLOOP_MAX_IMAGES", 4)
+DEFAULT_DEADLINE_S = float(os.environ.get("SDLOOP_DEADLINE_S") or 120)
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be a multiple of 8 (got {value}; try {max(64, value // 8 * 8)})")
+    return value
+
+
+Side = Annotated[int, Field(ge=64, le=MAX_SIDE), AfterValidator(_multiple_of_8)]
+
+
+class Txt2ImgRequest(BaseModel):
+    """One text-to-image request. Unknown fields are refused (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1, max_length=4000, description="What to draw.")]
+    negative_prompt: Annotated[str, Field(max_length=4000, description="What not to draw.")] = ""
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description="Denoising steps.")] = 20
+    guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, description="Classifier-free guidance.")] = 7.5
+    width: Annotated[Side, Field(description="Image width in pixels, a multiple of 8.")] = 256
+    height: Annotated[Side, Field(description="Image height in pixels, a multiple of 8.")] = 256
+    seed: Annotated[Optional[int], Field(ge=0, lt=2**63, description="Seed; random when absent, always "
+                                                                      "returned.")] = None
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES, description="Images to generate (seed, seed+1, ...).")] \
+        = 1
+    timeout_s: Annotated[float, Field(gt=0, le=3600, description="Deadline of this request in seconds: past it the "
+                                                                 "generation is interrupted and the answer is 504.")] \
+        = DEFAULT_DEADLINE_S
+
+
+class GeneratedImage(BaseModel):
+    generation_id: str = Field(description="Quote it when posting feedback.")
+    seed: int
+    image_png_base64: str
+
+
+class Txt2ImgResponse(BaseModel):
+    status: str = Field("ok", description="ok (errors come back as 4xx/5xx with an error and a status).")
+    model_version: str
+    latency_s: float
+    images: list[GeneratedImage]
+
+
+class FeedbackRequest(BaseModel):
+    """Feedback on one generation: a rating and/or thumbs, optionally a comment and tags. A repeat from the same
+    client replaces that client's earlier feedback."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation_id: Annotated[str, Field(min_length=1, max_length=64, description="From the txt2img answer.")]
+    rating: Annotated[Optional[int], Field(ge=1, le=5, description="1 (bad) to 5 (great).")] = None
+    thumbs: Annotated[Optional[str], Field(pattern="^(up|down)$", description="up or down.")] = None
+    comment: Annotated[Optional[str], Field(max_length=2000)] = None
+    tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=20)] = []
+    client_id: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Who rates (default: the "
+                                                                                        "X-Client-Id header, else "
+                                                                                        "the client address).")] \
+        = None
+
+    @model_validator(mode="after")
+    def _rated(self) -> "FeedbackRequest":
+        if self.rating is None and self.thumbs is None:
+            raise ValueError("give a rating (1-5) and/or thumbs (up or down)")
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    status: str
+    feedback_id: int
+    updated: bool = Field(description="True when this replaced the client's earlier feedback.")

@@ -1,0 +1,93 @@
+"""Helpers for the serving tests: a workspace whose model store holds two published versions of the tiny run.
+
+Built once per test module (an export takes about a minute on 2 cores). The second version is a copy of the first
+export under a new export id, so promoting it changes the served version without a second export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class Champion:
+    home: Path
+    bentoml_home: Path
+    tags: tuple[str, str]
+
+    def env(self) -> dict[str, str]:
+        return {"SDLOOP_HOME": str(self.home), "BENTOML_HOME": str(self.bentoml_home),
+                "SDLOOP_STORE_URL": f"sqlite:///{self.home / 'monitor.db'}"}
+
+
+_BUILT: dict[str, Champion] = {}
+
+
+def shared_store(tiny_run: Path, tmp_path_factory: Any) -> Champion:
+    """One store per test session, shared by the serving test modules (an export is the slow part)."""
+    key = str(tiny_run)
+    if key not in _BUILT:
+        _BUILT[key] = build_store(tiny_run, tmp_path_factory.mktemp("serve"))
+    return _BUILT[key]
+
+
+def build_store(tiny_run: Path, root: Path) -> Champion:
+    """Export the tiny run (2-step checks), publish it twice (two export ids); promote nothing."""
+    from export import registry
+    from export.build import MARKER, ExportConfig, build_export
+
+    home = root / "home"
+    old = {k: os.environ.get(k) for k in ("SDLOOP_HOME", "BENTOML_HOME")}
+    os.environ["SDLOOP_HOME"], os.environ["BENTOML_HOME"] = str(home), str(home / "bentoml")
+    try:
+        first = root / "export-a"
+        build_export(tiny_run, first, ExportConfig(steps=2, reps=1, prompts=["a red circle"], seeds=[0]),
+                     progress=False)
+        second = root / "export-b"
+        shutil.copytree(first, second)
+        for name in ("manifest.json", MARKER):
+            data = json.loads((second / name).read_text())
+            data["export_id"] = data["export_id"][::-1]
+            (second / name).write_text(json.dumps(data))
+        tags = (registry.publish(first)[0], registry.publish(second)[0])
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Champion(home, home / "bentoml", tags)
+
+
+def promote(champ: Champion, tag: str) -> None:
+    """Promote through the registry, as `sdloop models promote` does."""
+    from export import registry
+
+    old = {k: os.environ.get(k) for k in ("SDLOOP_HOME", "BENTOML_HOME")}
+    os.environ.update({"SDLOOP_HOME": str(champ.home), "BENTOML_HOME": str(champ.bentoml_home)})
+    try:
+        if registry.read_state().get("champion") != tag:
+            registry.promote(tag, "test")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
