@@ -63,7 +63,7 @@ def cmd_base_pretrain(args: argparse.Namespace) -> int:
 
     cfg = None
     values = {k: getattr(args, k) for k in ("seed", "minutes", "vae_steps", "unet_steps", "images", "threads",
-                                            "vae_downsamplings") if getattr(args, k) is not None}
+                                            "vae_downsamplings", "noise_offset") if getattr(args, k) is not None}
     if args.train_text_encoder:
         values["train_text_encoder"] = True
     if args.resume and values:
@@ -72,7 +72,8 @@ def cmd_base_pretrain(args: argparse.Namespace) -> int:
     elif not args.resume:
         cfg = PretrainConfig(**values)
     command = ["sdloop", "base", "pretrain", str(args.out_dir)]
-    for key in ("seed", "minutes", "vae_steps", "unet_steps", "images", "vae_downsamplings", "threads"):
+    for key in ("seed", "minutes", "vae_steps", "unet_steps", "images", "vae_downsamplings", "noise_offset",
+                "threads"):
         if getattr(args, key) is not None:
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += [f for f, on in (("--train-text-encoder", args.train_text_encoder), ("--resume", args.resume)) if on]
@@ -385,13 +386,44 @@ def cmd_models_history(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve -------------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the champion with `bentoml serve` from the repo root, on the workspace's model store and monitoring store.
+    The process becomes the BentoML server (exec), so its PID is the server's and Ctrl-C or SIGTERM stops it."""
+    from sdloop.workspace import home, use_bentoml_home
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bentofile.yaml").is_file() or not (root / "bento" / "service.py").is_file():
+        raise UserError(f"{root} is not an sdloop source tree (no bentofile.yaml); serve a built Bento with "
+                        "`bentoml serve sdloop:latest` instead.")
+    for flag, value, low in (("--workers", args.workers, 0), ("--threads", args.threads, 1),
+                             ("--torch-threads", args.torch_threads, 0), ("--port", args.port, 1)):
+        if value < low or (flag == "--port" and value > 65535):
+            raise UserError(f"{flag} {value} is out of range: use an integer >= {low}"
+                            f"{' and <= 65535' if flag == '--port' else ''}.")
+    os.environ["SDLOOP_HOME"] = str(home())
+    use_bentoml_home()
+    os.environ.update({"SDLOOP_WORKERS": str(args.workers or os.cpu_count() or 1), "SDLOOP_THREADS": str(args.threads),
+                       "SDLOOP_BACKEND": args.backend})
+    if args.torch_threads:
+        os.environ["SDLOOP_TORCH_THREADS"] = str(args.torch_threads)
+    argv = [sys.executable, "-m", "bentoml", "serve", "bento.service:SDService", "--host", args.host,
+            "--port", str(args.port), "--working-dir", str(root)]
+    print(f"serving the champion of {os.environ['BENTOML_HOME']} on http://{args.host}:{args.port} "
+          f"({os.environ['SDLOOP_WORKERS']} worker(s), {args.backend}); store: "
+          f"{os.environ.get('SDLOOP_STORE_URL') or home() / 'monitor.db'}", flush=True)
+    os.chdir(root)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
 # ---- demo --------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """The loop on the embedded default, on things a person can see: the shipped drawing base learns a new colour
     from synthetic data, and the pixel checker measures it before and after. No downloads, no pretraining."""
     from finetune.config import TrainConfig, tiny_overrides
     from finetune.data import format_summary, scan_dataset
-    from finetune.demo import check_and_report, demo_base, demo_data
+    from finetune.demo import check_and_report, demo_base, demo_data, demo_recipe, one_thread
     from finetune.train import train
     from sdloop.workspace import home, reports_dir, runs_dir
 
@@ -399,8 +431,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"sdloop demo in {home()}")
     data, said = demo_data(args.n, concept)  # checks --n before anything is written
     base, base_said = demo_base()
-    print(f"[1/4] base: {base_said}")
-    print(f"[2/4] data: {said}")
+    print(f"[1/7] base: {base_said}")
+    print(f"[2/7] data: {said}")
     report = scan_dataset(data, progress=not args.quiet)
     report_path = reports_dir() / f"{data.name}-data_report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -408,22 +440,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_summary(report))
     print(f"      data report: {report_path}")
     run_dir = runs_dir() / time.strftime("demo-%Y%m%d-%H%M%S")
-    values = {**tiny_overrides(), "base": str(base), "data": str(data), "output": str(run_dir)}
-    values["augment"] = {**values.get("augment", {}), "flip_p": 0.0}  # captions say left and right: no flips
+    values = {**tiny_overrides(), **demo_recipe(), "base": str(base), "data": str(data), "output": str(run_dir)}
     if args.steps:
         values["max_steps"] = args.steps
     cfg = TrainConfig.from_dict(values)
-    print(f"[3/4] train: LoRA rank {cfg.rank} on {len(report.items)} images, up to {cfg.max_steps} steps at "
-          f"{cfg.resolution} px (early stopping patience {cfg.early_stopping_patience})")
-    result = train(cfg, progress=not args.quiet)
-    _print_result(result)
-    print(f"[4/4] check: the pixel checker reads the colour of {concept!r} prompts, base vs base + LoRA")
-    check = check_and_report(base, result.run_dir, concept)
-    for line in check.lines():
-        print(f"      {line}")
-    print(f"      before/after grid: {result.run_dir / 'concept_before_after.png'}")
-    print(f"      scores: {result.run_dir / 'concept_check.json'}")
+    print(f"[3/7] train: LoRA rank {cfg.rank} on {len(report.items)} images, {cfg.max_steps} steps at "
+          f"{cfg.resolution} px, batch {cfg.batch_size} (no validation split: the pixel checker judges the result)")
+    with one_thread():
+        result = train(cfg, progress=not args.quiet)
+        _print_result(result)
+        print(f"[4/7] check: the pixel checker reads {concept!r} prompts drawn by the base and by base + LoRA")
+        check = check_and_report(base, result.run_dir, concept)
+        for line in check.lines():
+            print(f"      {line}")
+        print(f"      before/after grid: {result.run_dir / 'concept_before_after.png'}")
+        print(f"      scores: {result.run_dir / 'concept_check.json'}")
+        print("[5/7] eval: FID/KID against the demo images, image statistics, caption following, base vs LoRA")
+        evaluation = _demo_evaluation(result.run_dir, data, concept, quiet=args.quiet)
+        print(f"      report: {evaluation.report}")
+        print("[6/7] export: fuse the LoRA, ONNX with optimum, parity against PyTorch, publish and promote")
+        from export import demo_step
+
+        tag, exported = demo_step(result.run_dir, progress=not args.quiet)
+    print(f"      export: {exported.export_dir}")
+    print(f"      champion: {tag} (sdloop models list)")
+    print("[7/7] serve it (Ctrl-C stops the server):")
+    print("      sdloop serve --port 3000")
+    print("      curl -s -X POST localhost:3000/txt2img -H 'Content-Type: application/json' "
+          f"-d '{{\"prompt\": \"{_demo_prompt(concept)}\", \"seed\": 0}}' -D - -o image.png")
+    print("      curl -s -X POST localhost:3000/feedback -H 'Content-Type: application/json' "
+          "-d '{\"generation_id\": \"<X-Generation-Id from above>\", \"rating\": 5}'")
     return 0
+
+
+def _demo_prompt(concept: str) -> str:
+    from finetune.shapecheck import eval_captions
+
+    return eval_captions(1, 0, concept=concept)[0]
+
+
+def _demo_evaluation(run_dir: Path, data: Path, concept: str, quiet: bool) -> Any:
+    """The demo's evaluation: concept prompts (the demo trains without a validation split) against its images."""
+    from finetune.evaluate import evaluate_run
+    from finetune.shapecheck import eval_captions
+
+    return evaluate_run(run_dir, prompts=eval_captions(8, 1, concept=concept), reference=data, n=8,
+                        steps=20, progress=not quiet)
 
 
 # ---- parser ------------------------------------------------------------------------------------------------------
@@ -469,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=None, help="synthetic training images (default 4096)")
     p.add_argument("--vae-downsamplings", type=int, choices=(2, 3), default=None,
                    help="2: 16x16 latents at 64 px; 3: 8x8 (default: see finetune/pretrain.py)")
+    p.add_argument("--noise-offset", type=float, default=None, help="offset noise of the UNet phase (default 0.1)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     p.add_argument("--resume", action="store_true", help="continue the pretraining in OUT_DIR from its last "
@@ -592,11 +655,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", default="sdloop", help="model name in the store (default sdloop)")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("serve", help="serve the champion over HTTP with BentoML (txt2img, feedback, /metrics)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 to expose)")
+    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one pipeline each (default: cores)")
+    p.add_argument("--threads", type=int, default=8, help="request threads per worker (default 8)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch/onnxruntime threads per worker (default: cores / workers)")
+    p.add_argument("--backend", choices=("onnx", "pytorch"), default="onnx",
+                   help="onnx: the exported onnxruntime pipeline; pytorch: the source run's pipeline (fallback)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="the loop on the embedded default: tiny base, synthetic data, no downloads")
-    p.add_argument("--n", type=int, default=32, help="synthetic images (at least 8; half show the new concept)")
+    p.add_argument("--n", type=int, default=64, help="synthetic images (at least 8; half show the new concept)")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: the tiny recipe's)")
-    p.add_argument("--concept", choices=("pink",), default="pink",
-                   help="what the fine-tune teaches: a colour word the drawing base never saw")
+    p.add_argument("--concept", choices=("brown", "tiny", "pink"), default="brown",
+                   help="what the fine-tune teaches, a word the drawing base never saw: a colour (brown), a size "
+                   "(tiny), or pink, which shows a limit: the base's VAE decodes it badly")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -7,11 +7,12 @@ path that does not exist or a hub id that cannot be reached, and every stage fin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from sdloop.errors import UserError
 
@@ -112,6 +113,22 @@ def fingerprint_dir(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """No "Loading pipeline components" bar and no advisory warnings (e.g. a UNet-only LoRA has no text-encoder
+    keys) while sdloop loads a model it checks itself; errors still raise."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+        dlog.enable_progress_bar()
+
+
 def load_pipeline(source: str, torch_dtype: Any = None, device: Optional[str] = None) -> Any:
     """Load a diffusers pipeline from a folder or hub id with the pipeline class its model_index.json names."""
     from diffusers import DiffusionPipeline
@@ -120,7 +137,8 @@ def load_pipeline(source: str, torch_dtype: Any = None, device: Optional[str] = 
     index = json.loads((local / "model_index.json").read_text())
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True, **extra)
+        with quiet_diffusers():
+            pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True, **extra)
     except Exception as e:
         raise BaseModelError(f"{local} could not be loaded as a diffusers pipeline "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None

@@ -281,13 +281,14 @@ class RunFolder:
         The adapter is not fused, so callers can compare with and without it (``pipe.disable_lora()``) or fuse it
         themselves (``pipe.fuse_lora(); pipe.unload_lora_weights()``) for export.
         """
-        from sdloop.pipelines import load_pipeline
+        from sdloop.pipelines import load_pipeline, quiet_diffusers
 
         self.require_finished()
         pipe = load_pipeline(self.base_model(), torch_dtype=torch_dtype)
         if lora:
             try:
-                pipe.load_lora_weights(str(self.lora_dir), weight_name=DIFFUSERS_WEIGHT_NAME)
+                with quiet_diffusers():
+                    pipe.load_lora_weights(str(self.lora_dir), weight_name=DIFFUSERS_WEIGHT_NAME)
             except Exception as e:  # noqa: BLE001 - a damaged or foreign LoRA file
                 raise RunFolderError(f"cannot load the LoRA {self.diffusers_lora} onto {self.base_model()} "
                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

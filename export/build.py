@@ -1,0 +1,384 @@
+"""``sdloop export``: a finished run folder in, a checked and optimised ONNX export folder out.
+
+Steps (a progress bar shows each): load the base with the run's best LoRA, fuse and check the fusion, export with
+optimum, quantise (int8) and optimise per target keeping only what measurements show pays, store large graphs with
+external data, run ``onnx.checker``, compare the export's images with the fused PyTorch pipeline's, and write
+``manifest.json``. The folder is built under a temporary name and renamed into place at the end, so a failed export
+(a parity failure included) leaves the previous export, if any, as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from export.errors import ExportError
+
+MARKER = "sdloop_export.json"
+SCHEMA = 1
+DEFAULT_PROMPTS = ("a red circle on a blue background", "a small green square, white background",
+                   "a yellow star in the centre, black background")
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ExportConfig:
+    """Everything ``sdloop export`` can be told (flags map onto these fields; ``--set key=value`` reaches all)."""
+
+    target: str = _f("cpu", "cpu, cuda or tensorrt: the onnxruntime execution provider the export is optimised for.")
+    precision: Optional[str] = _f(None, "fp32 or int8 (cpu), fp16 or fp32 (cuda, tensorrt); default: the "
+                                        "target's first.")
+    prompts: list = _f(list(DEFAULT_PROMPTS), "Prompts of the parity and fusion checks.")
+    seeds: list = _f([0], "Seeds of the parity check (one image per prompt and seed).")
+    steps: int = _f(20, "Denoising steps of the parity and latency images.")
+    size: int = _f(0, "Image side in pixels for the checks (0: the run's training resolution).")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance of the check images.")
+    threads: int = _f(0, "onnxruntime intra-op and torch threads (0: every core this process may use).")
+    external_data_mb: float = _f(1024.0, "Graphs whose weights reach this many MB keep them in model.onnx_data.")
+    int8_images: int = _f(8, "Images per set for the int8 KID check (more: a tighter KID, a slower export).")
+    int8_max_kid: float = _f(0.05, "Largest KID between fused PyTorch and int8 images that passes.")
+    tolerances: dict = _f({}, "Override the precision's parity tolerances: max_pixel_difference (0..255), min_psnr "
+                              "(dB), e.g. {min_psnr: 45}.")
+    reps: int = _f(3, "Timed runs per graph when deciding whether an optimisation pays.")
+    latency_images: int = _f(3, "At least this many timed images per pipeline for the latency figures (the check "
+                                "images count; more of the first prompt are drawn if they are fewer).")
+    keep: str = _f("measured", "measured: keep an optimisation only where it measures faster; all: keep every one.")
+    opset: int = _f(0, "ONNX opset (0: optimum's default for the architecture).")
+
+    def __post_init__(self) -> None:
+        from export.optimize import resolve_precision
+
+        self.precision = resolve_precision(self.target, self.precision)
+
+        def check(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ExportError(f"{name}={getattr(self, name)!r} is invalid: {allowed}.")
+
+        check(bool(self.prompts) and all(isinstance(p, str) and p.strip() for p in self.prompts), "prompts",
+              "one or more non-empty prompts")
+        check(bool(self.seeds) and all(isinstance(s, int) and 0 <= s < 2**63 for s in self.seeds), "seeds",
+              "one or more integer seeds in [0, 2**63)")
+        check(isinstance(self.steps, int) and 1 <= self.steps <= 500, "steps", "an integer in [1, 500]")
+        check(isinstance(self.size, int) and (self.size == 0 or (64 <= self.size <= 2048 and self.size % 8 == 0)),
+              "size", "0 or a multiple of 8 in [64, 2048]")
+        check(0 <= self.guidance_scale <= 50, "guidance_scale", "a number in [0, 50]")
+        check(isinstance(self.threads, int) and 0 <= self.threads <= 1024, "threads", "an integer in [0, 1024]")
+        check(0 < self.external_data_mb <= 1800, "external_data_mb",
+              "a size in (0, 1800] MB (protobuf cannot hold a graph over 2 GB)")
+        check(isinstance(self.int8_images, int) and 2 <= self.int8_images <= 1000, "int8_images",
+              "an integer in [2, 1000]")
+        check(self.int8_max_kid > 0, "int8_max_kid", "a positive number")
+        check(isinstance(self.tolerances, dict) and set(self.tolerances) <= {"max_pixel_difference", "min_psnr"}
+              and all(isinstance(v, (int, float)) or v is None for v in self.tolerances.values()), "tolerances",
+              "a mapping of max_pixel_difference and/or min_psnr to numbers (or null: not checked)")
+        check(isinstance(self.reps, int) and 1 <= self.reps <= 100, "reps", "an integer in [1, 100]")
+        check(isinstance(self.latency_images, int) and 1 <= self.latency_images <= 100, "latency_images",
+              "an integer in [1, 100]")
+        check(self.keep in ("measured", "all"), "keep", "measured or all")
+        check(isinstance(self.opset, int) and (self.opset == 0 or 14 <= self.opset <= 23), "opset",
+              "0 or an opset in [14, 23]")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ExportConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ExportError(f"unknown export setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        try:
+            return cls(**values)
+        except TypeError as e:  # a value of the wrong type reached a comparison
+            raise ExportError(f"an export setting has the wrong type ({e}); see `sdloop export --help`.") from None
+
+
+@dataclass
+class ExportResult:
+    """Where the export is, what its manifest says, and the summary table printed at the end."""
+
+    export_dir: Path
+    manifest: dict[str, Any]
+    summary: str
+
+
+# -- small helpers ----------------------------------------------------------------------------------------------------
+
+def is_export(path: Path) -> bool:
+    """Whether sdloop made this folder (its marker file)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def prepare_output(output: Path) -> Path:
+    """Refuse an output that is a file, or a non-empty folder sdloop did not make; check the parent is writable."""
+    from sdloop.atomic import check_writable_dir
+
+    output = Path(output).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} is a file; pass a folder.")
+    if output.is_dir() and any(output.iterdir()) and not is_export(output):
+        raise ExportError(f"--output {output} is not empty and was not made by sdloop export (no {MARKER}); "
+                          "choose a new or empty folder.")
+    check_writable_dir(output.parent, "the export's parent folder")
+    return output
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git, not a checkout
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("sdloop", "torch", "diffusers", "transformers", "peft", "optimum", "optimum-onnx", "onnx",
+                 "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def evaluation_summary(eval_dir: Path) -> Optional[dict[str, Any]]:
+    """The fine-tuned model's headline values from ``eval/eval.json`` when the run was evaluated, else None."""
+    path = Path(eval_dir) / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        label = data.get("models", [None, None])[-1]
+        metrics = {k: m["values"][label]["value"] for k, m in data.get("metrics", {}).items()
+                   if m.get("computed") and label in m.get("values", {})}
+        return {"path": str(path), "model": label, "metrics": metrics}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {"path": str(path), "error": "eval.json could not be read"}
+
+
+def _latency(pipe: Any, seconds: list[float], cfg: "ExportConfig", size: int) -> Optional[float]:
+    """Median seconds per image of a warm pipeline: ``seconds`` already timed, topped up to ``latency_images``."""
+    from export.fuse import generate
+
+    missing = cfg.latency_images - len(seconds)
+    if missing > 0:
+        seconds = seconds + generate(pipe, [(cfg.prompts[0], cfg.seeds[0])] * missing, cfg.steps, size,
+                                     cfg.guidance_scale)[1]
+    return round(statistics.median(seconds), 4) if seconds else None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+# -- the export --------------------------------------------------------------------------------------------------------
+
+class _Steps:
+    """A tqdm bar over the export's steps (stderr, with ETA), quiet when progress is off."""
+
+    def __init__(self, total: int, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="export", unit="step", file=sys.stderr, disable=not progress,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}<{remaining}")
+
+    def start(self, what: str) -> None:
+        self.bar.set_description_str(f"export: {what}")
+
+    def done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str, Any], size: int,
+                    progress: bool = True) -> ExportResult:
+    """Fuse ``pipe``'s LoRA, export, optimise, check and write ``output`` atomically (see the module docstring).
+
+    ``source`` goes into the manifest as it is (the run it came from); ``size`` is the check images' side.
+    """
+    import gc
+
+    import torch
+
+    from export import onnx as ox
+    from export import optimize as opt
+    from export.fuse import fuse_and_check, generate
+    from sdloop.atomic import atomic_dir, write_json_atomic
+
+    output = prepare_output(output)
+    precision = cfg.precision
+    threads = cfg.threads or opt.default_threads()
+    cases = [(p, s) for p in cfg.prompts for s in cfg.seeds]
+    extra = []
+    if precision == "int8":  # the KID sets: the parity cases, then more seeds of the same prompts
+        seed = max(cfg.seeds) + 1
+        while len(cases) + len(extra) < cfg.int8_images:
+            extra += [(p, seed) for p in cfg.prompts]
+            seed += 1
+        extra = extra[:max(0, cfg.int8_images - len(cases))]
+    external = int(cfg.external_data_mb * 1e6)
+    steps = _Steps(6 + 2 * (precision == "int8"), progress)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        steps.start("fuse the LoRA")
+        pipe.set_progress_bar_config(disable=True)
+        fusion, reference, pt_seconds = fuse_and_check(pipe, cases, cfg.steps, size, cfg.guidance_scale)
+        if extra:
+            more, more_seconds = generate(pipe, extra, cfg.steps, size, cfg.guidance_scale)
+            reference, pt_seconds = reference + more, pt_seconds + more_seconds
+        pt_lat = _latency(pipe, pt_seconds, cfg, size)   # warm: the unfused images ran first
+        steps.done()
+        with atomic_dir(output) as tmp:
+            steps.start("optimum ONNX export")
+            ox.export_onnx(pipe, tmp, opset=cfg.opset or None)
+            del pipe
+            gc.collect()
+            ox.fix_permissions(tmp)
+            for path in ox.graph_paths(tmp).values():
+                ox.store_graph(path, external)
+            steps.done()
+            rt = opt.runtime(cfg.target, precision, threads)
+            optimizations: dict[str, Any] = {}
+            if precision == "int8":
+                steps.start("int8 quantisation")
+                optimizations["int8"] = opt.quantize_int8(tmp, rt, size, cfg.reps, cfg.keep, external,
+                                                          steps.start)
+                steps.done()
+            steps.start(f"{cfg.target} optimisation")
+            if cfg.target == "cpu":
+                optimizations["graph"] = opt.optimize_cpu(tmp, rt, size, cfg.reps, cfg.keep, external, steps.start)
+            elif cfg.target == "cuda":
+                optimizations["cuda"] = opt.optimize_cuda(tmp, precision, external, steps.start)
+            else:
+                optimizations["tensorrt"] = {"engine_cache": opt.TRT_CACHE, "fp16": precision == "fp16"}
+            ox.fix_permissions(tmp)
+            steps.done()
+            steps.start("onnx.checker")
+            checker = ox.check_graphs(tmp)
+            steps.done()
+            steps.start("parity with PyTorch")
+            ort_pipe = opt.open_export(tmp, rt)
+            generate(ort_pipe, cases[:1], 1, size, cfg.guidance_scale)  # warm-up: first runs allocate
+            images, ort_seconds = generate(ort_pipe, cases + extra, cfg.steps, size, cfg.guidance_scale)
+            ort_lat = _latency(ort_pipe, ort_seconds, cfg, size)
+            del ort_pipe
+            gc.collect()
+            figures = ox.compare_images(reference[:len(cases)], images[:len(cases)])
+            steps.done()
+            max_kid = None
+            if precision == "int8":
+                steps.start("int8 KID")
+                from export.quality import kid
+
+                figures["kid"], figures["kid_std"] = (round(v, 6) for v in kid(reference, images))
+                figures["kid_images"] = len(images)
+                max_kid = cfg.int8_max_kid
+                steps.done()
+            tolerance = ox.check_parity(figures, precision, {**ox.TOLERANCES[precision], **cfg.tolerances},
+                                        max_kid=max_kid)
+            steps.start("manifest")
+            manifest = {
+                "kind": "sdloop-export", "schema_version": SCHEMA, "export_id": uuid.uuid4().hex,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **source, "target": cfg.target, "precision": precision,
+                "checks": {"prompts": list(cfg.prompts), "seeds": list(cfg.seeds), "steps": cfg.steps, "size": size,
+                           "guidance_scale": cfg.guidance_scale},
+                "fusion": fusion.to_dict(),
+                "parity": {**figures, "tolerance": tolerance, "passed": True},
+                "latency": {"pytorch_s": pt_lat, "export_s": ort_lat,
+                            "speedup": round(pt_lat / ort_lat, 3) if pt_lat and ort_lat else None,
+                            "threads": threads, "steps": cfg.steps, "size": size, "pytorch": "eager, fused LoRA"},
+                "optimizations": optimizations, "parts": ox.sizes(tmp), "checker": checker, "runtime": rt,
+                "config": dataclasses.asdict(cfg), "packages": package_versions(), "git_commit": git_commit(),
+            }
+            write_json_atomic(tmp / "manifest.json", manifest)
+            write_json_atomic(tmp / MARKER, {"kind": "sdloop-export", "export_id": manifest["export_id"]})
+            ox.fix_permissions(tmp)
+            steps.done()
+    finally:
+        steps.close()
+        torch.set_num_threads(old_threads)
+    return ExportResult(output, manifest, summary_table(manifest))
+
+
+def build_export(run_dir: Path, output: Optional[Path] = None, cfg: Optional[ExportConfig] = None,
+                 progress: bool = True) -> ExportResult:
+    """Export a finished run folder (its best LoRA, fused) to ``output`` (default: under the workspace's exports)."""
+    from export.optimize import require_target
+    from sdloop.runfolder import RunFolder
+    from sdloop.workspace import exports_dir
+
+    cfg = cfg or ExportConfig()
+    run = RunFolder(run_dir).require_finished()
+    m = run.manifest()
+    require_target(cfg.target)
+    if output is None:
+        output = exports_dir() / f"{run.path.resolve().name}-{cfg.target}-{cfg.precision}"
+    prepare_output(output)
+    source = {
+        "source_run": {"path": str(run.path.resolve()), "name": run.path.resolve().name,
+                       "manifest": m.to_dict()},
+        "base_model": m.base_model, "base_fingerprint": m.base_fingerprint, "dataset": m.dataset,
+        "dataset_fingerprint": m.dataset_fingerprint, "best_step": m.best_step, "best_val_loss": m.best_val_loss,
+        "evaluation": evaluation_summary(run.eval_dir),
+    }
+    # passed straight in: export_pipeline drops the PyTorch pipeline once exported (an SD-1.5 one is 4 GB)
+    return export_pipeline(run.load_pipeline(lora=True), output, cfg, source, cfg.size or run_resolution(run),
+                           progress)
+
+
+def run_resolution(run: Any) -> int:
+    """The run's training resolution: its manifest's, or its config.yaml's for runs whose manifest lacks it."""
+    import yaml
+
+    try:
+        if "resolution" in json.loads(run.manifest_path.read_text(encoding="utf-8")):
+            return int(run.manifest().resolution)
+        return int((yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}).get("resolution", 512))
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return 512
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """The table printed at the end of an export: parts and sizes, parity, latency before and after."""
+    lines = [f"export {manifest.get('target')}/{manifest.get('precision')} of run "
+             f"{manifest.get('source_run', {}).get('name', '?')}",
+             f"  {'part':14s} {'size':>12s}  external data"]
+    total = 0
+    for part, info in manifest.get("parts", {}).items():
+        total += info["bytes"]
+        lines.append(f"  {part:14s} {_mb(info['bytes']):>12s}  {'yes' if info['external_data'] else 'no'}")
+    lines.append(f"  {'total':14s} {_mb(total):>12s}")
+    p = manifest.get("parity", {})
+    kid = f"; KID {p['kid']:.4f} (sd {p['kid_std']:.4f}, {p['kid_images']} images)" if "kid" in p else ""
+    lines.append(f"  parity: largest pixel difference {p.get('max_pixel_difference', 0):.3f} of 255, "
+                 f"PSNR {p.get('psnr', 0):.1f} dB on {p.get('images', 0)} image(s){kid}: passed")
+    lat = manifest.get("latency", {})
+    if lat.get("pytorch_s") and lat.get("export_s"):
+        lines.append(f"  latency per image ({lat['size']}x{lat['size']}, {lat['steps']} steps, {lat['threads']} "
+                     f"threads): PyTorch {lat['pytorch_s']:.3f} s -> export {lat['export_s']:.3f} s "
+                     f"({lat['speedup']:.2f}x)")
+    for kind, parts in manifest.get("optimizations", {}).items():
+        for part, r in parts.items() if isinstance(parts, dict) else ():
+            if isinstance(r, dict) and "kept" in r:
+                lines.append(f"  {kind} {part}: {r['before']['run_s'] * 1000:.1f} -> {r['after']['run_s'] * 1000:.1f} "
+                             f"ms per call, {'kept' if r['kept'] else 'not kept (no gain)'}")
+    return "\n".join(lines)
