@@ -10,7 +10,8 @@ from PIL import Image
 
 from sdloop.cli import main
 
-SUBCOMMANDS = [[], ["base"], ["base", "tiny"], ["data"], ["data", "check"], ["data", "synth"], ["train"], ["tune"],
+SUBCOMMANDS = [[], ["base"], ["base", "tiny"], ["base", "pretrain"], ["data"], ["data", "check"], ["data", "synth"],
+               ["train"], ["tune"], ["eval"], ["review"], ["export"], ["models"], ["models", "list"], ["serve"],
                ["demo"]]
 
 
