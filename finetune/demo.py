@@ -143,11 +143,11 @@ def concept_check(base: Path, lora_dir: Optional[Path], concept: str, prompts: i
     if given; return the checker's scores, the images and the captions."""
     import torch
 
-    from sdloop.pipelines import load_pipeline
+    from sdloop.pipelines import load_pipeline, quiet_diffusers
 
     from .shapecheck import caption_scores, eval_captions, pipeline_images
 
-    with _quiet_diffusers():
+    with quiet_diffusers():
         pipe = load_pipeline(str(base), torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         if lora_dir is not None:
@@ -161,39 +161,23 @@ def before_after_grid(base: Path, lora_dir: Path, concept: str, path: Path, step
     """Rows: concept prompts; columns: GRID_SEEDS images by the base, then the same seeds with the LoRA."""
     import torch
 
-    from sdloop.pipelines import load_pipeline
+    from sdloop.pipelines import load_pipeline, quiet_diffusers
 
     from .shapecheck import eval_captions, pipeline_images
     from .visuals import image_grid
 
     captions = eval_captions(GRID_ROWS, CHECK_CAPTIONS_SEED, concept=concept)
     seeds = list(range(GRID_SEEDS))
-    with _quiet_diffusers():
+    with quiet_diffusers():
         pipe = load_pipeline(str(base), torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
     before = [pipeline_images(pipe, [c] * len(seeds), seeds, steps=steps) for c in captions]
-    with _quiet_diffusers():
+    with quiet_diffusers():
         pipe.load_lora_weights(str(lora_dir), weight_name="pytorch_lora_weights.safetensors")
     after = [pipeline_images(pipe, [c] * len(seeds), seeds, steps=steps) for c in captions]
     rows = [b + a for b, a in zip(before, after)]
     labels = [f"before s{s}" for s in seeds] + [f"after s{s}" for s in seeds]
     return image_grid(rows, captions, labels, path, title=f"'{concept}': drawing base (left) vs + demo LoRA (right)")
-
-
-@contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    """No loading bars and no "no LoRA keys for the text encoder" notice in the demo's output (the LoRA is the
-    UNet's by design)."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.enable_progress_bar()
-        dlog.set_verbosity(level)
 
 
 @contextlib.contextmanager

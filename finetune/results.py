@@ -8,42 +8,17 @@ The manifest is written last and atomically: its presence means the run finished
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from sdloop.atomic import load_safetensors, write_json_atomic, write_text_atomic
+from sdloop.provenance import git_commit, package_versions
 from sdloop.runfolder import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, Manifest, RunFolder, portable_location
 
 from . import __version__
 from .config import TrainConfig
 from .lora import save_diffusers_lora, save_kohya_lora, split_prefixed
 from .visuals import loss_curve_png
-
-
-def git_commit() -> Optional[str]:
-    """The commit of the sdloop checkout that ran, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:  # noqa: BLE001 - no git, not a checkout
-        return None
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python, sdloop and the libraries that decide a run's numbers."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "sdloop": __version__}
-    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def write_start_files(run: RunFolder, cfg: TrainConfig, data: Any) -> None:
