@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -134,26 +132,8 @@ def prepare_output(output: Path) -> Path:
     return output
 
 
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:  # noqa: BLE001 - no git, not a checkout
-        return None
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("sdloop", "torch", "diffusers", "transformers", "peft", "optimum", "optimum-onnx", "onnx",
-                 "onnxruntime", "onnxruntime-gpu", "tensorrt"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+EXPORT_PACKAGES = ("sdloop", "torch", "diffusers", "transformers", "peft", "optimum", "optimum-onnx", "onnx",
+                   "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 def evaluation_summary(eval_dir: Path) -> Optional[dict[str, Any]]:
@@ -221,6 +201,7 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
     from export import optimize as opt
     from export.fuse import fuse_and_check, generate
     from sdloop.atomic import atomic_dir, write_json_atomic
+    from sdloop.provenance import git_commit, package_versions
 
     output = prepare_output(output)
     precision = cfg.precision
@@ -307,7 +288,8 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
                             "speedup": round(pt_lat / ort_lat, 3) if pt_lat and ort_lat else None,
                             "threads": threads, "steps": cfg.steps, "size": size, "pytorch": "eager, fused LoRA"},
                 "optimizations": optimizations, "parts": ox.sizes(tmp), "checker": checker, "runtime": rt,
-                "config": dataclasses.asdict(cfg), "packages": package_versions(), "git_commit": git_commit(),
+                "config": dataclasses.asdict(cfg), "packages": package_versions(EXPORT_PACKAGES),
+                "git_commit": git_commit(),
             }
             write_json_atomic(tmp / "manifest.json", manifest)
             write_json_atomic(tmp / MARKER, {"kind": "sdloop-export", "export_id": manifest["export_id"]})
