@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from export.errors import RegistryError
+from sdloop.champion import MODEL_NAME, champion_path
 
-MODEL_NAME = "sdloop"
 
 
 def _store() -> Any:
@@ -41,15 +41,15 @@ def _store() -> Any:
 
 
 def _state_dir() -> Path:
-    from sdloop.workspace import bentoml_home
-
-    path = bentoml_home() / "sdloop"
+    path = champion_path(MODEL_NAME).parent
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _state_path(name: str) -> Path:
-    return _state_dir() / f"{name}.champion.json"
+    """The champion pointer: the shared layer names the place (the service reads it without importing export)."""
+    _state_dir()
+    return champion_path(name)
 
 
 @contextlib.contextmanager
