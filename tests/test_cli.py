@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from sdloop.runfolder import RunFolder
 from PIL import Image
 
 from sdloop.cli import main
@@ -137,4 +139,4 @@ def test_demo_runs_the_loop_offline(workspace: Path, capsys) -> None:
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     grids = sorted((run / "samples").glob("*.png"))
     assert grids and Image.open(grids[-1]).size[0] >= 128
-    assert json.loads((run / "manifest.json").read_text())["final_step"] == 6
+    assert RunFolder(run).manifest().to_dict()["final_step"] == 6

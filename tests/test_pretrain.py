@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from sdloop.runfolder import RunFolder
 import torch
 
 from finetune.base import drawing_asset
@@ -214,7 +216,7 @@ def test_demo_teaches_a_colour_the_base_never_saw(tmp_path: Path, monkeypatch: p
     assert check["attribute"] == "colour" and after >= before + 0.25, (before, after)
     with Image.open(runs[0] / "concept_before_after.png") as grid:
         assert grid.size[0] >= 6 * 128
-    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    manifest = RunFolder(runs[0]).manifest().to_dict()
     assert Path(manifest["base_model"]).is_absolute() and Path(manifest["dataset"]).is_absolute()
     assert Path(manifest["base_model"]).is_relative_to(tmp_path / "rel-home")
     assert main(["demo", "--n", "1", "--quiet"]) == 2

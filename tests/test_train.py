@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from sdloop.runfolder import RunFolder
 import torch
 
 from finetune.config import ConfigError, TrainConfig, tiny_overrides
@@ -26,7 +27,7 @@ def _cfg(base: Path, data: Path, out: Path, **kw) -> TrainConfig:
 
 
 def _val_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    return [r for r in RunFolder(run_dir).read_metrics() if "val_loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +50,14 @@ def test_loss_goes_down_and_run_folder_is_complete(run) -> None:
         assert (run.run_dir / name).is_file(), name
     assert sorted(p.name for p in (run.run_dir / "samples").glob("*.png")) == \
         ["step_000010.png", "step_000020.png", "step_000030.png"]
-    manifest = json.loads((run.run_dir / "manifest.json").read_text())
+    manifest = RunFolder(run.run_dir).manifest().to_dict()
     assert manifest["best_step"] == run.best_step
     assert manifest["items"]["validation"] >= 1 and manifest["items"]["train"] > manifest["items"]["validation"]
     assert manifest["packages"]["diffusers"] and manifest["dataset_fingerprint"]
     cfg = TrainConfig.from_yaml(run.run_dir / "config.yaml")
     assert cfg.max_steps == 30 and cfg.learning_rate == 1e-2
     # train rows carry step + train_loss + lr, validation rows step + val_loss
-    train_rows = [json.loads(l) for l in (run.run_dir / "metrics.jsonl").read_text().splitlines()
-                  if "train_loss" in json.loads(l)]
+    train_rows = [r for r in RunFolder(run.run_dir).read_metrics() if "train_loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 31))
     assert list((run.run_dir / "logs").iterdir()), "TensorBoard event files"
 
@@ -117,7 +117,7 @@ def test_early_stopping_stops_a_rising_validation_loss_and_keeps_the_best(tiny_b
     assert rows[-1]["val_loss"] > best["val_loss"], "stopped because the loss rose"
     assert [r["step"] for r in rows if r["step"] > best["step"]] == \
         [best["step"] + 3 * k for k in (1, 2, 3)], "stopped after exactly `patience` evaluations"
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    manifest = RunFolder(result.run_dir).manifest().to_dict()
     assert manifest["best_step"] == best["step"] and manifest["stopped"].startswith("early stopping")
 
 
@@ -215,8 +215,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_base, synth_data,
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    ma = json.loads((full / "manifest.json").read_text())
-    mb = json.loads((killed / "manifest.json").read_text())
+    ma = RunFolder(full).manifest().to_dict()
+    mb = RunFolder(killed).manifest().to_dict()
     assert (ma["best_step"], ma["final_step"]) == (mb["best_step"], mb["final_step"])
     assert ma["best_val_loss"] == pytest.approx(mb["best_val_loss"], rel=1e-6)
     assert not list((killed / "checkpoints").glob(".tmp-*")), "partial checkpoint folders are cleaned"
@@ -235,7 +235,7 @@ def test_v_prediction_base_trains_on_the_velocity(run, tiny_base: Path, synth_da
     sched = base / "scheduler" / "scheduler_config.json"
     sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
     result = train(_cfg(base, synth_data, tmp_path / "run", max_steps=4, validation_every=2), progress=False)
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    manifest = RunFolder(result.run_dir).manifest().to_dict()
     assert manifest["prediction_type"] == "v_prediction"
     # same weights, same fixed noise, same items at step 0: only the target differs, so the losses must too
     v0 = _val_rows(result.run_dir)[0]["val_loss"]
@@ -289,7 +289,7 @@ def test_data_parallel_run_agrees_with_one_process(run, tiny_base: Path, synth_d
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1, "one report, from the main process"
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = RunFolder(out).manifest().to_dict()
     assert manifest["world_size"] == 2
     assert manifest["final_step"] == 4 and manifest["best_step"] == 2, "stopped after patience 1, on both ranks"
     single = _val_rows(run.run_dir)[0]

@@ -19,6 +19,8 @@ from typing import Iterator, Optional
 
 import pytest
 
+from sdloop.runfolder import RunFolder
+
 from finetune.config import SearchSpace, TrainConfig, tiny_overrides
 from finetune.tune import TuneError, parse_space, tune
 from sdloop.cli import main
@@ -84,7 +86,7 @@ def test_a_study_gives_a_normal_best_run_folder_and_reports(study_dir: Path) -> 
     assert sorted(p.name for p in folder.glob("trial_*")) == ["trial_000", "trial_001"]
     best = study.best_trial
     run = folder / f"trial_{best.number:03d}"
-    manifest = json.loads((run / "manifest.json").read_text())
+    manifest = RunFolder(run).manifest().to_dict()
     assert manifest["best_val_loss"] == pytest.approx(best.value)
     cfg = TrainConfig.from_yaml(run / "config.yaml")
     assert cfg.rank == best.params["rank"] and cfg.learning_rate == pytest.approx(best.params["learning_rate"])
@@ -143,7 +145,7 @@ def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tiny_base: Path, s
              pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # every loss > 0: pruned at the first report
     (trial,) = _study(out).trials
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [2]
-    manifest = json.loads((out / "trials" / "sdloop" / "trial_000" / "manifest.json").read_text())
+    manifest = RunFolder(out / "trials" / "sdloop" / "trial_000").manifest().to_dict()
     assert manifest["final_step"] == 2, "the trainer stopped at the pruned validation, not at max_steps (4)"
     rows = (out / "trials" / "sdloop" / "trials.csv").read_text().splitlines()
     assert len(rows) == 2 and ",PRUNED," in rows[1]
@@ -179,7 +181,7 @@ def test_a_killed_trial_is_marked_failed_and_resumed_in_its_folder(tiny_base: Pa
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "train_loss" in json.loads(line) and "lr" in json.loads(line)]
     assert steps == [1, 2, 3, 4], "resumed from the checkpoint: no step lost or repeated"
-    assert json.loads((run / "manifest.json").read_text())["final_step"] == 4
+    assert RunFolder(run).manifest().to_dict()["final_step"] == 4
     assert not (out / "trials" / "sdloop" / "trial_001").exists()
 
 
