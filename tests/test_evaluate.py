@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from sdloop.inception import InceptionError
 import torch
 from PIL import Image
 
@@ -102,7 +104,7 @@ def test_real_inception_loads_offline_matches_its_sha1_and_gives_2048_features(m
     fake = tmp_path / "default_1.pt"
     fake.write_bytes(b"not the network")
     monkeypatch.setattr(metrics, "inception_path", lambda: fake)
-    with pytest.raises(metrics.MetricError, match="SHA-1"):
+    with pytest.raises(InceptionError, match="SHA-1"):
         metrics.load_inception()
 
 
