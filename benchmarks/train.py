@@ -97,7 +97,8 @@ def child_sdloop(spec: dict[str, Any], role: str, out_dir: Path) -> dict[str, An
     torch.set_num_threads(spec["threads"])
     t_torch = time.time()
     import finetune.train as ftrain
-    from finetune.config import TrainConfig, apply_overrides, tiny_overrides
+    from finetune.config import TrainConfig, tiny_overrides
+    from finetune.overrides import apply_overrides
 
     # instrumentation only: the trainer's documented event hook (TrainHooks.event) time-stamps its phases
     events: list = []

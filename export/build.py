@@ -187,6 +187,98 @@ class _Steps:
         self.bar.close()
 
 
+def _check_cases(cfg: ExportConfig) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(parity cases, extra cases): every prompt x seed, and for int8 more seeds of the same prompts until the KID
+    sets hold ``int8_images`` images."""
+    cases = [(p, s) for p in cfg.prompts for s in cfg.seeds]
+    extra: list[tuple[str, int]] = []
+    if cfg.precision == "int8":
+        seed = max(cfg.seeds) + 1
+        while len(cases) + len(extra) < cfg.int8_images:
+            extra += [(p, seed) for p in cfg.prompts]
+            seed += 1
+        extra = extra[:max(0, cfg.int8_images - len(cases))]
+    return cases, extra
+
+
+def _optimise(tmp: Path, cfg: ExportConfig, rt: dict[str, Any], size: int, external: int, steps: "_Steps"
+              ) -> dict[str, Any]:
+    """int8 quantisation (when asked) and the target's optimisation, each kept only where it measures faster."""
+    from export import optimize as opt
+
+    optimizations: dict[str, Any] = {}
+    if cfg.precision == "int8":
+        steps.start("int8 quantisation")
+        optimizations["int8"] = opt.quantize_int8(tmp, rt, size, cfg.reps, cfg.keep, external, steps.start)
+        steps.done()
+    steps.start(f"{cfg.target} optimisation")
+    if cfg.target == "cpu":
+        optimizations["graph"] = opt.optimize_cpu(tmp, rt, size, cfg.reps, cfg.keep, external, steps.start)
+    elif cfg.target == "cuda":
+        optimizations["cuda"] = opt.optimize_cuda(tmp, cfg.precision, external, steps.start)
+    else:
+        optimizations["tensorrt"] = {"engine_cache": opt.TRT_CACHE, "fp16": cfg.precision == "fp16"}
+    steps.done()
+    return optimizations
+
+
+def _parity(tmp: Path, cfg: ExportConfig, rt: dict[str, Any], cases: list, extra: list, reference: list, size: int,
+            steps: "_Steps") -> tuple[dict[str, Any], Any, Optional[float]]:
+    """The exported pipeline's images against the fused PyTorch ones: (figures, tolerance used, latency)."""
+    import gc
+
+    from export import onnx as ox
+    from export import optimize as opt
+    from export.fuse import generate
+
+    steps.start("parity with PyTorch")
+    ort_pipe = opt.open_export(tmp, rt)
+    generate(ort_pipe, cases[:1], 1, size, cfg.guidance_scale)  # warm-up: first runs allocate
+    images, ort_seconds = generate(ort_pipe, cases + extra, cfg.steps, size, cfg.guidance_scale)
+    ort_lat = _latency(ort_pipe, ort_seconds, cfg, size)
+    del ort_pipe
+    gc.collect()
+    figures = ox.compare_images(reference[:len(cases)], images[:len(cases)])
+    steps.done()
+    max_kid = None
+    if cfg.precision == "int8":
+        steps.start("int8 KID")
+        from export.quality import kid
+
+        figures["kid"], figures["kid_std"] = (round(v, 6) for v in kid(reference, images))
+        figures["kid_images"] = len(images)
+        max_kid = cfg.int8_max_kid
+        steps.done()
+    tolerance = ox.check_parity(figures, cfg.precision, {**ox.TOLERANCES[cfg.precision], **cfg.tolerances},
+                                max_kid=max_kid)
+    return figures, tolerance, ort_lat
+
+
+def _manifest(tmp: Path, cfg: ExportConfig, source: dict[str, Any], size: int, threads: int, fusion: Any,
+              figures: dict[str, Any], tolerance: Any, latency: tuple[Optional[float], Optional[float]],
+              optimizations: dict[str, Any], checker: Any, rt: dict[str, Any]) -> dict[str, Any]:
+    """EXPORT_DIR/manifest.json: where it came from, what was done to it, and the figures that prove it."""
+    from export import onnx as ox
+    from sdloop.provenance import git_commit, package_versions
+
+    pt_lat, ort_lat = latency
+    return {
+        "kind": "sdloop-export", "schema_version": SCHEMA, "export_id": uuid.uuid4().hex,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **source, "target": cfg.target, "precision": cfg.precision,
+        "checks": {"prompts": list(cfg.prompts), "seeds": list(cfg.seeds), "steps": cfg.steps, "size": size,
+                   "guidance_scale": cfg.guidance_scale},
+        "fusion": fusion.to_dict(),
+        "parity": {**figures, "tolerance": tolerance, "passed": True},
+        "latency": {"pytorch_s": pt_lat, "export_s": ort_lat,
+                    "speedup": round(pt_lat / ort_lat, 3) if pt_lat and ort_lat else None,
+                    "threads": threads, "steps": cfg.steps, "size": size, "pytorch": "eager, fused LoRA"},
+        "optimizations": optimizations, "parts": ox.sizes(tmp), "checker": checker, "runtime": rt,
+        "config": dataclasses.asdict(cfg), "packages": package_versions(EXPORT_PACKAGES),
+        "git_commit": git_commit(),
+    }
+
+
 def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str, Any], size: int,
                     progress: bool = True) -> ExportResult:
     """Fuse ``pipe``'s LoRA, export, optimise, check and write ``output`` atomically (see the module docstring).
@@ -201,21 +293,12 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
     from export import optimize as opt
     from export.fuse import fuse_and_check, generate
     from sdloop.atomic import atomic_dir, write_json_atomic
-    from sdloop.provenance import git_commit, package_versions
 
     output = prepare_output(output)
-    precision = cfg.precision
     threads = cfg.threads or opt.default_threads()
-    cases = [(p, s) for p in cfg.prompts for s in cfg.seeds]
-    extra = []
-    if precision == "int8":  # the KID sets: the parity cases, then more seeds of the same prompts
-        seed = max(cfg.seeds) + 1
-        while len(cases) + len(extra) < cfg.int8_images:
-            extra += [(p, seed) for p in cfg.prompts]
-            seed += 1
-        extra = extra[:max(0, cfg.int8_images - len(cases))]
+    cases, extra = _check_cases(cfg)
     external = int(cfg.external_data_mb * 1e6)
-    steps = _Steps(6 + 2 * (precision == "int8"), progress)
+    steps = _Steps(6 + 2 * (cfg.precision == "int8"), progress)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -236,61 +319,16 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
             for path in ox.graph_paths(tmp).values():
                 ox.store_graph(path, external)
             steps.done()
-            rt = opt.runtime(cfg.target, precision, threads)
-            optimizations: dict[str, Any] = {}
-            if precision == "int8":
-                steps.start("int8 quantisation")
-                optimizations["int8"] = opt.quantize_int8(tmp, rt, size, cfg.reps, cfg.keep, external,
-                                                          steps.start)
-                steps.done()
-            steps.start(f"{cfg.target} optimisation")
-            if cfg.target == "cpu":
-                optimizations["graph"] = opt.optimize_cpu(tmp, rt, size, cfg.reps, cfg.keep, external, steps.start)
-            elif cfg.target == "cuda":
-                optimizations["cuda"] = opt.optimize_cuda(tmp, precision, external, steps.start)
-            else:
-                optimizations["tensorrt"] = {"engine_cache": opt.TRT_CACHE, "fp16": precision == "fp16"}
+            rt = opt.runtime(cfg.target, cfg.precision, threads)
+            optimizations = _optimise(tmp, cfg, rt, size, external, steps)
             ox.fix_permissions(tmp)
-            steps.done()
             steps.start("onnx.checker")
             checker = ox.check_graphs(tmp)
             steps.done()
-            steps.start("parity with PyTorch")
-            ort_pipe = opt.open_export(tmp, rt)
-            generate(ort_pipe, cases[:1], 1, size, cfg.guidance_scale)  # warm-up: first runs allocate
-            images, ort_seconds = generate(ort_pipe, cases + extra, cfg.steps, size, cfg.guidance_scale)
-            ort_lat = _latency(ort_pipe, ort_seconds, cfg, size)
-            del ort_pipe
-            gc.collect()
-            figures = ox.compare_images(reference[:len(cases)], images[:len(cases)])
-            steps.done()
-            max_kid = None
-            if precision == "int8":
-                steps.start("int8 KID")
-                from export.quality import kid
-
-                figures["kid"], figures["kid_std"] = (round(v, 6) for v in kid(reference, images))
-                figures["kid_images"] = len(images)
-                max_kid = cfg.int8_max_kid
-                steps.done()
-            tolerance = ox.check_parity(figures, precision, {**ox.TOLERANCES[precision], **cfg.tolerances},
-                                        max_kid=max_kid)
+            figures, tolerance, ort_lat = _parity(tmp, cfg, rt, cases, extra, reference, size, steps)
             steps.start("manifest")
-            manifest = {
-                "kind": "sdloop-export", "schema_version": SCHEMA, "export_id": uuid.uuid4().hex,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **source, "target": cfg.target, "precision": precision,
-                "checks": {"prompts": list(cfg.prompts), "seeds": list(cfg.seeds), "steps": cfg.steps, "size": size,
-                           "guidance_scale": cfg.guidance_scale},
-                "fusion": fusion.to_dict(),
-                "parity": {**figures, "tolerance": tolerance, "passed": True},
-                "latency": {"pytorch_s": pt_lat, "export_s": ort_lat,
-                            "speedup": round(pt_lat / ort_lat, 3) if pt_lat and ort_lat else None,
-                            "threads": threads, "steps": cfg.steps, "size": size, "pytorch": "eager, fused LoRA"},
-                "optimizations": optimizations, "parts": ox.sizes(tmp), "checker": checker, "runtime": rt,
-                "config": dataclasses.asdict(cfg), "packages": package_versions(EXPORT_PACKAGES),
-                "git_commit": git_commit(),
-            }
+            manifest = _manifest(tmp, cfg, source, size, threads, fusion, figures, tolerance, (pt_lat, ort_lat),
+                                 optimizations, checker, rt)
             write_json_atomic(tmp / "manifest.json", manifest)
             write_json_atomic(tmp / MARKER, {"kind": "sdloop-export", "export_id": manifest["export_id"]})
             ox.fix_permissions(tmp)

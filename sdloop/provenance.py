@@ -35,3 +35,14 @@ def package_versions(names: Iterable[str] = CORE_PACKAGES) -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (model files are too large to read whole)."""
+    import hashlib
+
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -6,13 +6,14 @@ export under a new export id, so promoting it changes the served version without
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 @dataclass
@@ -37,15 +38,28 @@ def shared_store(tiny_run: Path, tmp_path_factory: Any) -> Champion:
     return _BUILT[key]
 
 
+@contextlib.contextmanager
+def workspace_env(home: Path, bentoml_home: Path) -> Iterator[None]:
+    """SDLOOP_HOME and BENTOML_HOME set for the block, as they were after it."""
+    old = {k: os.environ.get(k) for k in ("SDLOOP_HOME", "BENTOML_HOME")}
+    os.environ.update({"SDLOOP_HOME": str(home), "BENTOML_HOME": str(bentoml_home)})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def build_store(tiny_run: Path, root: Path) -> Champion:
     """Export the tiny run (2-step checks), publish it twice (two export ids); promote nothing."""
     from export import registry
     from export.build import MARKER, ExportConfig, build_export
 
     home = root / "home"
-    old = {k: os.environ.get(k) for k in ("SDLOOP_HOME", "BENTOML_HOME")}
-    os.environ["SDLOOP_HOME"], os.environ["BENTOML_HOME"] = str(home), str(home / "bentoml")
-    try:
+    with workspace_env(home, home / "bentoml"):
         first = root / "export-a"
         build_export(tiny_run, first, ExportConfig(steps=2, reps=1, prompts=["a red circle"], seeds=[0]),
                      progress=False)
@@ -56,12 +70,6 @@ def build_store(tiny_run: Path, root: Path) -> Champion:
             data["export_id"] = data["export_id"][::-1]
             (second / name).write_text(json.dumps(data))
         tags = (registry.publish(first)[0], registry.publish(second)[0])
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return Champion(home, home / "bentoml", tags)
 
 
@@ -69,17 +77,9 @@ def promote(champ: Champion, tag: str) -> None:
     """Promote through the registry, as `sdloop models promote` does."""
     from export import registry
 
-    old = {k: os.environ.get(k) for k in ("SDLOOP_HOME", "BENTOML_HOME")}
-    os.environ.update({"SDLOOP_HOME": str(champ.home), "BENTOML_HOME": str(champ.bentoml_home)})
-    try:
+    with workspace_env(champ.home, champ.bentoml_home):
         if registry.read_state().get("champion") != tag:
             registry.promote(tag, "test")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1) -> Any:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import (AugmentConfig, ConfigError, DataConfig, SearchSpace, TrainConfig, apply_overrides,
-                             load_config_file)
+from finetune.config import AugmentConfig, ConfigError, DataConfig, SearchSpace, TrainConfig, load_config_file
+from finetune.overrides import apply_overrides
 from sdloop.cli import main
 
 SECTIONS = {"data_config": (DataConfig, "data."), "augment": (AugmentConfig, "augment.")}
