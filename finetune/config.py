@@ -16,7 +16,7 @@ import yaml
 
 from sdloop.configfile import ConfigError, load_config_file
 
-from .config_types import MAX_SEED, build_dataclass, check_types
+from sdloop.config_types import MAX_SEED, build_dataclass, check_types
 
 __all__ = ["AugmentConfig", "ConfigError", "DataConfig", "SearchSpace", "TrainConfig", "build_dataclass",
            "load_config_file", "tiny_overrides"]

@@ -59,6 +59,64 @@ feedback = sa.Table(
 )
 
 
+# Version 3: what the monitoring loop adds. Failed requests (the error rate), the frozen reference window of each
+# champion, the retraining log (one row per retraining, one per step) and the scheduler's job results.
+failures = sa.Table(
+    "failures", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("endpoint", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(100), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("model_version", sa.String(200), nullable=True),
+)
+
+reference_windows = sa.Table(
+    "reference_windows", metadata,
+    sa.Column("champion", sa.String(200), primary_key=True),
+    sa.Column("since", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("frozen", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("how", sa.Text, nullable=False),
+)
+
+retrains = sa.Table(
+    "retrains", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("trigger", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(30), nullable=False),
+    sa.Column("champion", sa.String(200), nullable=True),
+    sa.Column("challenger", sa.String(200), nullable=True),
+    sa.Column("run_dir", sa.Text, nullable=True),
+    sa.Column("reasons", sa.JSON, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+)
+
+retrain_steps = sa.Table(
+    "retrain_steps", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("retrain_id", sa.String(36), sa.ForeignKey("retrains.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("step", sa.String(50), nullable=False),
+    sa.Column("status", sa.String(30), nullable=False),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("detail", sa.JSON, nullable=False),
+)
+
+job_runs = sa.Table(
+    "job_runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(100), nullable=False, index=True),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("status", sa.String(30), nullable=False),
+    sa.Column("summary", sa.JSON, nullable=False),
+)
+
+
 class StoreError(UserError):
     """The monitoring store cannot be opened or used (bad URL, unreachable server, missing driver)."""
 
@@ -79,8 +137,14 @@ def _v2(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX ix_feedback_generation ON feedback (generation_id)"))
 
 
+def _v3(conn: Connection) -> None:
+    """Version 3: failed requests, frozen reference windows, the retraining log and the scheduler's job results."""
+    for table in (failures, reference_windows, retrains, retrain_steps, job_runs):
+        table.create(conn)
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit an applied one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _versions = sa.Table("schema_version", sa.MetaData(),
@@ -180,22 +244,30 @@ class Store:
 
     def log_generation(self, *, prompt: str, negative_prompt: str, params: dict[str, Any], model_version: str,
                        latency_s: float, descriptors: dict[str, float], image_path: Optional[str] = None,
-                       generation_id: Optional[str] = None) -> str:
-        """Record one generated image; return its id. Committed before this returns."""
+                       generation_id: Optional[str] = None, created: Optional[dt.datetime] = None) -> str:
+        """Record one generated image; return its id. Committed before this returns. ``created`` (default now) is
+        for imports and simulations of past traffic."""
         gid = generation_id or str(uuid.uuid4())
         with self.engine.begin() as conn:
             conn.execute(generations.insert().values(
-                id=gid, created=_now(), prompt=prompt, negative_prompt=negative_prompt or "", params=params,
+                id=gid, created=created or _now(), prompt=prompt, negative_prompt=negative_prompt or "", params=params,
                 model_version=model_version, latency_s=float(latency_s), descriptors=descriptors,
                 image_path=image_path))
         return gid
 
+    def log_failure(self, endpoint: str, kind: str, message: str, model_version: Optional[str] = None,
+                    created: Optional[dt.datetime] = None) -> None:
+        """Record a request that did not produce an image (timeout, not ready, server error): the error rate."""
+        with self.engine.begin() as conn:
+            conn.execute(failures.insert().values(created=created or _now(), endpoint=endpoint, kind=kind,
+                                                  message=message[:2000], model_version=model_version))
+
     def add_feedback(self, generation_id: str, client_id: str, rating: Optional[int] = None,
                      thumbs: Optional[int] = None, comment: Optional[str] = None,
-                     tags: Optional[list[str]] = None) -> dict[str, Any]:
+                     tags: Optional[list[str]] = None, created: Optional[dt.datetime] = None) -> dict[str, Any]:
         """Store a client's feedback on a generation: a repeat from the same client updates its row. Returns the row
         and whether it was created. Raises UnknownGeneration for an id never logged. Committed before this returns."""
-        now = _now()
+        now = created or _now()
         values = {"generation_id": generation_id, "client_id": client_id, "rating": rating, "thumbs": thumbs,
                   "comment": comment, "tags": list(tags or []), "created": now, "updated": now}
         if self.dialect == "postgresql":
@@ -252,8 +324,8 @@ class Store:
             return [self._row(r) for r in conn.execute(q).mappings()]
 
     def count(self, table: str) -> int:
-        """Rows in ``generations`` or ``feedback``."""
-        t = {"generations": generations, "feedback": feedback}[table]
+        """Rows in one of the store's tables (``generations``, ``feedback``, ``failures``, ...)."""
+        t = metadata.tables[table]
         with self.engine.begin() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar())
 

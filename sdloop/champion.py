@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 MODEL_NAME = "sdloop"
 
@@ -38,3 +41,22 @@ def current_champion_tag(name: str = MODEL_NAME) -> Optional[str]:
         return None
     tag = state.get("champion") if isinstance(state, dict) else None
     return tag if isinstance(tag, str) and tag else None
+
+
+def champion_since(name: str = MODEL_NAME) -> Optional[tuple[str, "datetime"]]:
+    """(champion tag, when it became champion: its last promotion or rollback to it, UTC), or None.
+
+    The monitor freezes its reference window at that moment; the registry writes the history, this only reads it.
+    """
+    from datetime import datetime, timezone
+
+    try:
+        state = json.loads(champion_path(name).read_text(encoding="utf-8"))
+        tag = state["champion"]
+        when = [e["when"] for e in state["history"] if e.get("tag") == tag and e.get("action") in ("promote",
+                                                                                                     "rollback")]
+        if not tag or not when:
+            return None
+        return tag, datetime.strptime(when[-1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -50,6 +50,17 @@ def exports_dir() -> Path:
     return home() / "exports"
 
 
+def generations_dir() -> Path:
+    """Images the service generated (``$SDLOOP_IMAGE_DIR`` overrides it): retraining learns from the well-rated."""
+    env = os.environ.get("SDLOOP_IMAGE_DIR")
+    return Path(env).expanduser().resolve() if env else home() / "generations"
+
+
+def monitor_dir() -> Path:
+    """Monitoring reports (HTML, JSON), the Evidently workspace and the retraining folders."""
+    return home() / "monitor"
+
+
 def bentoml_home() -> Path:
     """The BentoML home (its model store) inside the workspace, unless ``BENTOML_HOME`` says otherwise."""
     env = os.environ.get("BENTOML_HOME")
