@@ -38,14 +38,23 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def _save_image(data: bytes, generation_id: str) -> Optional[str]:
-    """Keep the PNG under $SDLOOP_IMAGE_DIR/YYYY-MM-DD/ID.png when configured (e.g. a mounted volume)."""
-    folder = os.environ.get(IMAGE_DIR_ENV)
-    if not folder:
-        return None
-    from sdloop.atomic import write_bytes_atomic
+def _failed(store: Any, endpoint: str, kind: str, message: str, version: Optional[str]) -> None:
+    """Log a request that produced no image (the monitor's error rate); a store failure must not hide the cause."""
+    try:
+        store.log_failure(endpoint, kind, message, model_version=version)
+    except Exception:  # noqa: BLE001
+        pass
 
-    path = Path(folder).expanduser().resolve() / time.strftime("%Y-%m-%d", time.gmtime()) / f"{generation_id}.png"
+
+def _save_image(data: bytes, generation_id: str) -> Optional[str]:
+    """Keep the PNG under $SDLOOP_IMAGE_DIR (default: the workspace's generations/)/YYYY-MM-DD/ID.png: retraining
+    learns from the well-rated ones. SDLOOP_IMAGE_DIR=off keeps none."""
+    from sdloop.atomic import write_bytes_atomic
+    from sdloop.workspace import generations_dir
+
+    if os.environ.get(IMAGE_DIR_ENV, "").strip().lower() in ("off", "none", "0"):
+        return None
+    path = generations_dir() / time.strftime("%Y-%m-%d", time.gmtime()) / f"{generation_id}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, data)
     return str(path)
@@ -66,15 +75,20 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool) -
     try:
         tag, images = model.generate(req, started + req.timeout_s)
     except DeadlineExceeded as e:
+        _failed(store, endpoint, "timeout", str(e), model.version)
         return error(504, "timeout", f"{e}; raise timeout_s (at most 3600) or ask for fewer steps or pixels",
                      endpoint)
     except NotReady as e:
+        _failed(store, endpoint, "not_ready", str(e), model.version)
         return error(503, "not_ready", f"no model is loaded ({e}); promote a champion with `sdloop models "
                                        "promote TAG` and wait for /readyz", endpoint)
     except PromptTooLong as e:
         return error(400, "prompt_too_long", str(e), endpoint)
     except SizeNotSupported as e:
         return error(400, "invalid", str(e), endpoint)
+    except Exception as e:  # noqa: BLE001 - counted in the error rate the monitor watches, then answered as a 500
+        _failed(store, endpoint, "server_error", f"{type(e).__name__}: {e}", model.version)
+        raise
     latency = time.monotonic() - started
     LATENCY.observe(latency)
     params_logged = req.model_dump(exclude={"prompt", "negative_prompt"})

@@ -202,6 +202,9 @@ class TrainConfig:
                                     "(0: read the cache files every step).")
     num_workers: int = _f(0, "DataLoader workers when training without caches.")
     seed: int = _f(0, "Seed of noise, timesteps, data order and augmentation.")
+    init_lora: str = _f("", "Start the LoRA from these weights instead of a fresh draw: a finished run folder (its "
+                            "LoRA) or its lora/pytorch_lora_weights.safetensors. Rank and target modules must match. "
+                            "Retraining continues the champion this way.")
     data_config: DataConfig = field(default_factory=DataConfig,
                                     metadata={"help": "Dataset stage settings.", "prefix": "data."})
     augment: AugmentConfig = field(default_factory=AugmentConfig,

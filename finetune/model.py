@@ -96,6 +96,38 @@ def _attach_lora(model: Any, cfg: TrainConfig, targets: list[str], what: str) ->
         raise SetupError(f"cannot put LoRA on the {what}: {str(e).splitlines()[0]}") from None
 
 
+def init_from(cfg: TrainConfig, unet: Any, text_encoder: Any) -> None:
+    """Copy the weights of an earlier LoRA (``cfg.init_lora``: a run folder or its diffusers LoRA file) into the
+    fresh adapters, so a retraining continues the champion instead of starting over."""
+    from pathlib import Path
+
+    from sdloop.atomic import DamagedFileError, load_safetensors
+    from sdloop.runfolder import RunFolder
+
+    src = Path(cfg.init_lora).expanduser()
+    path = RunFolder(src).diffusers_lora if src.is_dir() else src
+    if not path.is_file():
+        raise SetupError(f"init_lora={cfg.init_lora!r}: no LoRA weights at {path}; name a finished run folder or "
+                         "its lora/pytorch_lora_weights.safetensors.")
+    try:
+        tensors = load_safetensors(path)[0]
+    except (DamagedFileError, OSError, ValueError) as e:
+        raise SetupError(f"init_lora={cfg.init_lora!r}: {path} cannot be read ({str(e).splitlines()[0]}); "
+                         "train that run again or start from scratch (init_lora='').") from None
+    unet_sd, te_sd = split_prefixed({k: v.float() for k, v in tensors.items()})
+    try:
+        load_lora_state_dict(unet, unet_sd)
+        if cfg.train_text_encoder and te_sd:
+            load_lora_state_dict(text_encoder, te_sd)
+    except (ValueError, RuntimeError) as e:
+        raise SetupError(f"init_lora={cfg.init_lora!r} does not fit this run's adapters ({str(e).splitlines()[0]}); "
+                         "use the same rank and target modules as the run it came from.") from None
+    got = {k for k in lora_state_dict(unet)}
+    if not got or not set(unet_sd) <= got:
+        raise SetupError(f"init_lora={cfg.init_lora!r} holds {len(unet_sd)} UNet LoRA tensors that do not match "
+                         "this run's adapters; use the same rank and target modules as the run it came from.")
+
+
 def setup_model(cfg: TrainConfig, ctx: Context, data: Data, progress: bool, event: Optional[Event]) -> Model:
     """Load the base, build the feeds over the caches, add LoRA, and make the optimizer and schedule."""
     from diffusers.optimization import get_scheduler
@@ -125,6 +157,8 @@ def setup_model(cfg: TrainConfig, ctx: Context, data: Data, progress: bool, even
     for g in groups:  # trainable weights in fp32 even when the frozen base is fp16/bf16
         for p in g["params"]:
             p.data = p.data.float()
+    if cfg.init_lora:
+        init_from(cfg, unet, text_encoder)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:

@@ -72,7 +72,8 @@ class MonitorConfig:
                                    "{max_steps: 200}.")
     gate_prompts: list[str] = _f([], "Fixed prompts the challenger and champion are compared on (empty: the champion "
                                 "run's validation captions).")
-    gate_seeds: list[int] = _f([0, 1], "Seeds of the comparison (one image per prompt and seed).")
+    gate_images: int = _f(16, "Images per model in the comparison (the prompts cycle; KID needs a dozen or more).")
+    gate_seed: int = _f(0, "Seed of the comparison's per-image seeds: the same images for every retraining.")
     gate_steps: int = _f(20, "Denoising steps of the comparison images.")
     export_settings: dict = _f({}, "Export settings of the challenger (sdloop export's --set keys), e.g. {steps: 8}.")
     # -- the gate ------------------------------------------------------------------------------------------------
@@ -113,9 +114,8 @@ class MonitorConfig:
         _check(0 <= self.max_new_images <= 10**6, "max_new_images", self.max_new_images, "an integer in [0, 1000000]")
         _check(all(isinstance(p, str) and p.strip() for p in self.gate_prompts), "gate_prompts", self.gate_prompts,
                "a list of non-empty prompts")
-        _check(bool(self.gate_seeds) and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63
-                                             for s in self.gate_seeds), "gate_seeds", self.gate_seeds,
-               "one or more integer seeds in [0, 2**63)")
+        _check(2 <= self.gate_images <= 10000, "gate_images", self.gate_images, "an integer in [2, 10000]")
+        _check(0 <= self.gate_seed < 2**63, "gate_seed", self.gate_seed, "a seed in [0, 2**63)")
         _check(1 <= self.gate_steps <= 1000, "gate_steps", self.gate_steps, "an integer in [1, 1000]")
         for name in ("kid_margin", "val_loss_margin", "latency_budget_s", "latency_margin"):
             value = getattr(self, name)

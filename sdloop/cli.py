@@ -2,7 +2,7 @@
 errors into one clear line and an exit code; the work itself lives in the stage packages.
 
 The commands live beside this module by what they drive (``cli_data``, ``cli_train``, ``cli_eval``, ``cli_models``,
-``cli_demo``); these modules are the only ones in ``sdloop/`` that import the stages.
+``cli_monitor``, ``cli_demo``); these modules are the only ones in ``sdloop/`` that import the stages.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from sdloop import cli_data, cli_demo, cli_eval, cli_models, cli_train
+from sdloop import cli_data, cli_demo, cli_eval, cli_models, cli_monitor, cli_train
 from sdloop.cli_train import build_train_config  # noqa: F401 - re-exported: part of the CLI API
 from sdloop.errors import UserError, one_line
 
@@ -26,9 +26,9 @@ def _env_defaults() -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdloop", description=(
         "From a folder of images to a fine-tuned Stable Diffusion model in production: check data, train, search, "
-        "evaluate, export, serve. Every command works offline on local diffusers folders."))
+        "evaluate, export, serve, monitor and retrain. Every command works offline on local diffusers folders."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (cli_data, cli_train, cli_eval, cli_models, cli_demo):
+    for module in (cli_data, cli_train, cli_eval, cli_models, cli_monitor, cli_demo):
         module.add_parsers(sub, parser)
     return parser
 
