@@ -44,13 +44,20 @@ class MonitorConfig:
                                        "champion's first generations).")
     min_generations: int = _f(30, "Fewer generations than this in either window: the report says 'not enough "
                                   "data' instead of a verdict.")
+    keep_reports: int = _f(168, "Report folders kept in $SDLOOP_HOME/monitor/reports (the oldest beyond this are "
+                                "deleted; a report is about 4 MB of HTML, an hourly check makes 24 a day).")
     min_feedback: int = _f(10, "Fewer rated generations than this in the current window: no feedback verdict.")
     # -- drift tests ---------------------------------------------------------------------------------------------
     prompt_drift_method: str = _f("wasserstein", f"Drift method of the prompt descriptors, one of {DRIFT_METHODS}.")
-    prompt_drift_threshold: float = _f(0.1, "Drift score above which a prompt descriptor has drifted (for "
-                                            "wasserstein: in reference standard deviations).")
+    prompt_drift_threshold: float = _f(0.5, "Drift score above which a prompt descriptor has drifted (for "
+                                            "wasserstein: in reference standard deviations; two samples of 30 from "
+                                            "one distribution already differ by 0.29 typically, 0.51 at the 95th "
+                                            "percentile).")
+    prompt_text_threshold: float = _f(0.95, "Threshold of Evidently's text drift of the raw prompts (a classifier's "
+                                            "ROC AUC telling the windows apart); shown in the report, not counted.")
     image_drift_method: str = _f("wasserstein", f"Drift method of the image descriptors, one of {DRIFT_METHODS}.")
-    image_drift_threshold: float = _f(0.1, "Drift score above which an image descriptor has drifted.")
+    image_drift_threshold: float = _f(0.5, "Drift score above which an image descriptor has drifted (same scale "
+                                           "as prompt_drift_threshold).")
     drift_share: float = _f(0.5, "Share of drifted columns (prompts or images) that counts as drift of the group.")
     rating_psi_threshold: float = _f(0.2, "PSI of the rating distribution above which ratings have drifted (0.1: "
                                           "some change, 0.2: a significant one, the usual reading of PSI).")
@@ -100,6 +107,9 @@ class MonitorConfig:
         _check(0 <= self.min_new_feedback <= 10**7, "min_new_feedback", self.min_new_feedback, "an integer >= 0")
         for name in ("prompt_drift_method", "image_drift_method"):
             _check(getattr(self, name) in DRIFT_METHODS, name, getattr(self, name), f"one of {DRIFT_METHODS}")
+        _check(1 <= self.keep_reports <= 10**6, "keep_reports", self.keep_reports, "an integer in [1, 1000000]")
+        _check(0.5 <= self.prompt_text_threshold < 1, "prompt_text_threshold", self.prompt_text_threshold,
+               "a ROC AUC in [0.5, 1)")
         for name in ("prompt_drift_threshold", "image_drift_threshold", "rating_psi_threshold"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, name, value, "a positive number")

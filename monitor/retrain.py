@@ -143,6 +143,7 @@ def _phases(c: _Ctx) -> RetrainOutcome:
         done.challenger = tag
         c.log.update(c.rid, challenger=tag)
         d.update(summary=f"candidate {tag}", tag=tag)
+    c.say("[6/6] gate: parity and latency, then promote or reject")
     with c.log.step(c.rid, "gate") as d:
         gate = export_gate(c.champion.metadata, show(tag).metadata, c.cfg)
         done.gates.append(gate)

@@ -48,14 +48,17 @@ class RetrainLog:
         now = _now()
         with self.store.engine.begin() as conn:
             ids = list(conn.execute(sa.select(retrains.c.id).where(retrains.c.status == "running")).scalars())
-            if ids:
-                conn.execute(retrain_steps.update().where(retrain_steps.c.retrain_id.in_(ids))
-                             .where(retrain_steps.c.status == "running")
-                             .values(status="interrupted", finished=now))
-                conn.execute(retrains.update().where(retrains.c.id.in_(ids)).values(
-                    status="interrupted", finished=now,
-                    reasons=["the process stopped before the retraining finished (killed or crashed); the champion "
-                             "was not changed"]))
+            for rid in ids:
+                conn.execute(retrain_steps.update().where(retrain_steps.c.retrain_id == rid)
+                             .where(retrain_steps.c.status == "running").values(status="interrupted", finished=now))
+                promoted = conn.execute(sa.select(retrain_steps.c.id).where(retrain_steps.c.retrain_id == rid)
+                                        .where(retrain_steps.c.step == "promote")
+                                        .where(retrain_steps.c.status == "ok")).first() is not None
+                reason = ("the process stopped after the promotion, before the log was closed; the promotion stands"
+                          if promoted else "the process stopped before the retraining finished (killed or crashed); "
+                          "the champion was not changed")
+                conn.execute(retrains.update().where(retrains.c.id == rid).values(
+                    status="promoted" if promoted else "interrupted", finished=now, reasons=[reason]))
         return ids
 
     def begin(self, trigger: str, champion: Optional[str]) -> str:
@@ -67,7 +70,8 @@ class RetrainLog:
 
     def update(self, rid: str, **values: Any) -> None:
         with self.store.engine.begin() as conn:
-            conn.execute(retrains.update().where(retrains.c.id == rid).values(**_jsonable(values)))
+            conn.execute(retrains.update().where(retrains.c.id == rid).values(
+                **{k: _jsonable(v) if k == "reasons" else v for k, v in values.items()}))
 
     def finish(self, rid: str, status: str, reasons: list[str], **values: Any) -> None:
         assert status in FINAL, status

@@ -14,6 +14,8 @@ from typing import Any
 
 from sdloop.cli_train import _print_result
 
+TOTAL = 10  # the demo's numbered steps
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The loop on the embedded default, on things a person can see: the shipped drawing base learns a new colour
@@ -28,8 +30,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"sdloop demo in {home()}")
     data, said = demo_data(args.n, concept)  # checks --n before anything is written
     base, base_said = demo_base()
-    print(f"[1/7] base: {base_said}")
-    print(f"[2/7] data: {said}")
+    print(f"[1/{TOTAL}] base: {base_said}")
+    print(f"[2/{TOTAL}] data: {said}")
     report = scan_dataset(data, progress=not args.quiet)
     report_path = reports_dir() / f"{data.name}-data_report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,27 +43,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps:
         values["max_steps"] = args.steps
     cfg = TrainConfig.from_dict(values)
-    print(f"[3/7] train: LoRA rank {cfg.rank} on {len(report.items)} images, {cfg.max_steps} steps at "
+    print(f"[3/{TOTAL}] train: LoRA rank {cfg.rank} on {len(report.items)} images, {cfg.max_steps} steps at "
           f"{cfg.resolution} px, batch {cfg.batch_size} (no validation split: the pixel checker judges the result)")
     with one_thread():
         result = train(cfg, progress=not args.quiet)
         _print_result(result)
-        print(f"[4/7] check: the pixel checker reads {concept!r} prompts drawn by the base and by base + LoRA")
+        print(f"[4/{TOTAL}] check: the pixel checker reads {concept!r} prompts drawn by the base and by base + LoRA")
         check = check_and_report(base, result.run_dir, concept)
         for line in check.lines():
             print(f"      {line}")
         print(f"      before/after grid: {result.run_dir / 'concept_before_after.png'}")
         print(f"      scores: {result.run_dir / 'concept_check.json'}")
-        print("[5/7] eval: FID/KID against the demo images, image statistics, caption following, base vs LoRA")
+        print(f"[5/{TOTAL}] eval: FID/KID against the demo images, image statistics, caption following, base vs LoRA")
         evaluation = _demo_evaluation(result.run_dir, data, concept, quiet=args.quiet)
         print(f"      report: {evaluation.report}")
-        print("[6/7] export: fuse the LoRA, ONNX with optimum, parity against PyTorch, publish and promote")
+        print(f"[6/{TOTAL}] export: fuse the LoRA, ONNX with optimum, parity against PyTorch, publish and promote")
         from export import demo_step
 
         tag, exported = demo_step(result.run_dir, progress=not args.quiet)
     print(f"      export: {exported.export_dir}")
     print(f"      champion: {tag} (sdloop models list)")
-    print("[7/7] serve it (Ctrl-C stops the server):")
+    from sdloop.cli_demo_loop import loop_turn
+
+    with one_thread():
+        loop_turn(concept, args.quiet, first=7, total=TOTAL)
+    print("      serve it yourself (Ctrl-C stops the server):")
     print("      sdloop serve --port 3000")
     print("      curl -s -X POST localhost:3000/txt2img -H 'Content-Type: application/json' "
           f"-d '{{\"prompt\": \"{_demo_prompt(concept)}\", \"seed\": 0}}' -D - -o image.png")

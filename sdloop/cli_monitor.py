@@ -48,12 +48,13 @@ def parse_when(text: Optional[str], flag: str, now: dt.datetime) -> Optional[dt.
     if m:
         unit = {"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
         return now - dt.timedelta(**{unit: float(m.group(1))})
+    from monitor.windows import parse_time
+
     try:
-        when = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise UserError(f"{flag} {text!r} is not a time: use an ISO date/time (2026-11-28 or 2026-11-28T12:00, UTC) "
-                        "or an age like 36h, 7d or 90m.") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+        return parse_time(text, flag)
+    except UserError:
+        raise UserError(f"{flag} {text!r} is not a time: write an ISO date or time (2026-11-28, 2026-11-28T12:00Z; "
+                        "UTC unless it says otherwise) or an age like 36h, 7d or 90m.") from None
 
 
 def _windows(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,10 +68,9 @@ def _windows(args: argparse.Namespace) -> dict[str, Any]:
         if not sep:
             raise UserError(f"--reference {args.reference!r} must look like SINCE..UNTIL, e.g. 14d..7d or "
                             "2026-11-01..2026-11-08.")
-        ra, rb = parse_when(a, "--reference", now), parse_when(b, "--reference", now)
-        if ra >= rb:
-            raise UserError(f"--reference {args.reference!r}: its start must be before its end.")
-        reference = (ra, rb)
+        from monitor.windows import explicit_window
+
+        reference = explicit_window(parse_when(a, "--reference", now), parse_when(b, "--reference", now))
     out = {"since": since, "until": until, "reference": reference, "now": now}
     if getattr(args, "output", None):
         from pathlib import Path
@@ -94,8 +94,12 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
 
     if _help_config(args):
         return 0
+    from monitor.check import prune_reports
+
     cfg, w = _config(args), _windows(args)
     report = build_report(open_store(), cfg, **w)
+    if "out_dir" not in w:
+        prune_reports(cfg.keep_reports)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

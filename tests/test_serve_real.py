@@ -114,6 +114,18 @@ def test_sync_client_and_plain_http(server: dict, champ: Champion) -> None:
     code, _, body = _post(server["url"] + "/txt2img_json", {**TINY, "steps": 200, "width": 512, "height": 512,
                                                               "timeout_s": 0.2})
     assert code == 504 and json.loads(body)["status"] == "timeout"
+    from monitor.store import Store
+
+    store = Store(server["store_url"])  # the monitor's error rate counts what produced no image
+    try:
+        import sqlalchemy as sa
+        from monitor.store import failures
+
+        with store.engine.begin() as conn:
+            kinds = conn.execute(sa.select(failures.c.kind, failures.c.endpoint)).all()
+        assert ("timeout", "txt2img_json") in [tuple(k) for k in kinds]
+    finally:
+        store.close()
 
 
 def test_metrics_count_generations_feedback_errors_and_latency(server: dict) -> None:
