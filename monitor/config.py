@@ -93,7 +93,7 @@ class MonitorConfig:
     # -- the scheduler -------------------------------------------------------------------------------------------
     monitor_every_minutes: float = _f(60.0, "The monitoring check runs this often.")
     retrain_cron: str = _f("0 3 * * 0", "When the scheduled retraining runs (crontab: minute hour day month "
-                                        "weekday, the scheduler's time zone).")
+                                        "weekday with 0 or 7 = Sunday, in the scheduler machine's local time zone).")
     misfire_grace_s: int = _f(3600, "A run missed by less than this (scheduler down, machine asleep) still runs "
                                     "once when the scheduler is back; older misses are skipped.")
 
@@ -135,9 +135,9 @@ class MonitorConfig:
         _check(len(self.retrain_cron.split()) == 5, "retrain_cron", self.retrain_cron,
                "five crontab fields: minute hour day month weekday, e.g. '0 3 * * 0'")
         try:
-            from apscheduler.triggers.cron import CronTrigger
+            from monitor.scheduler import cron_trigger  # crontab weekdays (0 = Sunday), not APScheduler's
 
-            CronTrigger.from_crontab(self.retrain_cron)
+            cron_trigger(self.retrain_cron)
         except ValueError as e:
             raise ConfigError(f"monitor setting retrain_cron={self.retrain_cron!r} is invalid: {e}.") from None
 

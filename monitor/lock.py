@@ -42,8 +42,9 @@ def hold(path: Path, what: str, info: Optional[dict[str, Any]] = None) -> Iterat
         except BlockingIOError:
             h = _holder(path)
             since = h.get("since", "an unknown time")
+            shows = "sdloop scheduler status" if what == "scheduler" else "sdloop retrain history"
             raise Busy(f"another {what} is running (pid {h.get('pid', '?')}, since {since}); wait for it to finish "
-                       f"(`sdloop retrain history` shows it) or stop that process.") from None
+                       f"(`{shows}` shows it) or stop that process.") from None
         me = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)

@@ -66,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sdloop.cli_demo_loop import loop_turn
 
     with one_thread():
-        loop_turn(concept, args.quiet, first=7, total=TOTAL)
+        loop_turn(concept, args.quiet, first=7, total=TOTAL, steps=args.steps)
     print("      serve it yourself (Ctrl-C stops the server):")
     print("      sdloop serve --port 3000")
     print("      curl -s -X POST localhost:3000/txt2img -H 'Content-Type: application/json' "

@@ -2,11 +2,11 @@
 
 A real `sdloop serve` (one worker) serves the champion on 127.0.0.1. Two waves of simulated users call it over HTTP:
 yesterday's ask for the colours the base always knew, today's for the new concept. Each user rates what they got
-with the pixel checker's eyes (finetune/shapecheck.py): the colour they asked for drawn is a 4 (a 5 if the size is
-right too), anything else a 1 with a thumbs down. The monitor then compares today against yesterday (the frozen
-reference window: the champion's first generations), the policy decides, and a retraining trains a challenger on the
-champion's data plus the well-rated images, compares, exports, gates, and promotes or rejects it; the running
-service picks up a promotion by itself.
+with the pixel checker's eyes (finetune/shapecheck.py): the colour they asked for drawn is a 4 (a 5 and a thumbs up
+if the size is right too), anything else a 1 with a thumbs down. The monitor then compares today against yesterday
+(the frozen reference window: the champion's first generations), the policy decides, and a retraining trains a
+challenger on the champion's data plus the well-rated images, compares, exports, gates, and promotes or rejects it;
+the running service picks up a promotion by itself.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ WAVE = 16          # generations per wave of simulated users
 STEPS = 20         # denoising steps of the served images
 
 
-def demo_monitor_settings() -> dict[str, Any]:
+def demo_monitor_settings(steps: int = 40) -> dict[str, Any]:
     """The demo's monitor settings: windows and counts that fit two waves of 16 generations, and a short
     continuation of the champion (the demo recipe's rate and batch, 40 steps)."""
     return {"min_generations": WAVE, "min_feedback": 8, "min_new_feedback": 8, "current_hours": 1,
-            "train_overrides": {"max_steps": 40, "sample_every": 40}, "gate_images": 16, "gate_steps": 20,
+            "train_overrides": {"max_steps": steps, "sample_every": steps}, "gate_images": 16, "gate_steps": 20,
             "latency_budget_s": 60.0}
 
 
@@ -95,7 +95,7 @@ def simulated_rating(image: Any, prompt: str) -> tuple[int, Optional[str]]:
     asked, read = parse_caption(prompt), read_attributes(image)
     if read.get("colour") != asked.get("colour"):
         return 1, "down"
-    return (5 if read.get("size") == asked.get("size") else 4), None
+    return (5, "up") if read.get("size") == asked.get("size") else (4, None)
 
 
 def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
@@ -120,8 +120,9 @@ def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
     return ratings
 
 
-def loop_turn(concept: str, quiet: bool, first: int, total: int) -> None:
-    """Serve, simulate two waves of users, check, retrain; print each step (numbered from ``first``)."""
+def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0) -> None:
+    """Serve, simulate two waves of users, check, retrain (``steps``: the challenger's, default 40); print each step
+    (numbered from ``first``)."""
     import datetime as dt
 
     from finetune.shapecheck import eval_captions
@@ -131,7 +132,7 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int) -> None:
     from sdloop.champion import current_champion_tag
     from sdloop.workspace import monitor_dir
 
-    cfg = MonitorConfig.from_dict({**demo_monitor_settings(), "gate_prompts": eval_captions(8, 1, concept=concept)})
+    cfg = MonitorConfig.from_dict({**demo_monitor_settings(steps or 40), "gate_prompts": eval_captions(8, 1, concept=concept)})
     log = monitor_dir() / "demo-server.log"
     print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})")
     with served(log) as url:
@@ -141,8 +142,8 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int) -> None:
         today_started = dt.datetime.now(dt.timezone.utc)
         today = wave(url, eval_captions(WAVE, 8, concept=concept), seed=200, client="today")
         print(f"[{first + 1}/{total}] users: {WAVE} generations with the usual colours (mean rating "
-              f"{sum(yesterday) / WAVE:.1f}), then {WAVE} asking for {concept!r} (mean rating {sum(today) / WAVE:.1f}); "
-              "the pixel checker plays the users")
+              f"{sum(yesterday) / WAVE:.1f}), then {WAVE} asking for {concept!r} (mean rating "
+              f"{sum(today) / WAVE:.1f}); the pixel checker plays the users")
         check = run_check(cfg, since=today_started)
         print(f"[{first + 2}/{total}] monitor: today against the reference window frozen at the promotion")
         for line in check.lines():

@@ -123,7 +123,10 @@ def cmd_monitor_check(args: argparse.Namespace) -> int:
     if result.decision.retrain and args.pull_forward:
         from monitor.scheduler import pull_forward_retrain
 
-        print(pull_forward_retrain())
+        when = pull_forward_retrain()
+        print(f"the scheduler's retraining job is now due at {when:%Y-%m-%d %H:%M:%S %Z} (a running scheduler "
+              "starts it within 30 s)" if when else "no scheduler job is stored yet: start one with `sdloop "
+              "scheduler start`, or run `sdloop retrain` now")
     return 1 if result.decision.retrain else 0
 
 

@@ -133,9 +133,14 @@ def test_demo_runs_the_loop_offline(workspace: Path, capsys) -> None:
     assert main(["demo", "--steps", "6", "--n", "16", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "run folder:" in out and "best step:" in out and "data report:" in out
-    runs = list((workspace / "runs").iterdir())
+    runs = [p for p in (workspace / "runs").iterdir() if not p.name.startswith("retrain-")]
     assert len(runs) == 1
     run = runs[0]
+    # one turn of the loop: served, rated, checked, retrained, with the outcome and the report printed
+    assert "verdict:" in out and "evidently ui --workspace" in out
+    assert "PROMOTED" in out or "REJECTED" in out
+    report = Path(out.split("      report: ")[-1].split()[0])
+    assert report.is_file() and report.is_relative_to(workspace / "monitor" / "reports")
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     grids = sorted((run / "samples").glob("*.png"))
     assert grids and Image.open(grids[-1]).size[0] >= 128

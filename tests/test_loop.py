@@ -175,5 +175,5 @@ def test_the_loop(server: dict, loop_home: Path, capsys: pytest.CaptureFixture) 
     wait_for(lambda: _served(url)[0] == first, timeout=60, every=0.5)
     # the retraining data holds the two loved generations and none of the disliked ones
     record = json.loads(Path(history[1]["steps"][0]["detail"]["record"]).read_text())
-    text = json.dumps(record)
-    assert all(gid in text for gid, r in rated if r == 5)
+    decided = {f["generation_id"]: f["decision"] for f in record["files"] if f["source"] == "generation"}
+    assert {gid: decided.get(gid) for gid, _ in rated} == {gid: ("in" if r == 5 else "out") for gid, r in rated}

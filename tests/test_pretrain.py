@@ -209,8 +209,11 @@ def test_demo_teaches_a_colour_the_base_never_saw(tmp_path: Path, monkeypatch: p
     assert main(["demo", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "'brown' drawn when asked" in out and "before/after grid:" in out
-    runs = list((tmp_path / "rel-home" / "runs").iterdir())
+    runs = [p for p in (tmp_path / "rel-home" / "runs").iterdir() if not p.name.startswith("retrain-")]
     assert len(runs) == 1
+    assert "verdict:" in out and ("PROMOTED" in out or "REJECTED" in out)
+    if "PROMOTED" in out:
+        assert "the running service now serves" in out
     check = json.loads((runs[0] / "concept_check.json").read_text())
     before, after = check["before"]["shares"]["colour"], check["after"]["shares"]["colour"]
     assert check["attribute"] == "colour" and after >= before + 0.25, (before, after)
