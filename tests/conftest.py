@@ -36,6 +36,21 @@ def _no_traceback_for_user_mistakes(request: pytest.FixtureRequest) -> Iterator[
         assert "Traceback (most recent call last)" not in err, err[-2000:]
 
 
+@pytest.fixture(autouse=True)
+def _workspace_env_restored() -> Iterator[None]:
+    """The workspace's variables as they were before each test. ``use_bentoml_home()`` sets BENTOML_HOME for the
+    process (BentoML reads it at import); without this, the first test that reaches the model store would point every
+    later test's store at its own workspace."""
+    keys = ("SDLOOP_HOME", "BENTOML_HOME", "SDLOOP_STORE_URL", "SDLOOP_IMAGE_DIR")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x pipeline folder in diffusers format (random weights, seed 0)."""
@@ -57,6 +72,8 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh $SDLOOP_HOME for one test."""
     home = tmp_path / "home"
     monkeypatch.setenv("SDLOOP_HOME", str(home))
+    for key in ("BENTOML_HOME", "SDLOOP_STORE_URL", "SDLOOP_IMAGE_DIR"):  # all of it follows SDLOOP_HOME
+        monkeypatch.delenv(key, raising=False)
     return home
 
 
