@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import logging
 import os
 import secrets
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Optional
 
 from starlette.responses import JSONResponse, Response
@@ -25,6 +25,7 @@ from bento.schemas import FeedbackRequest, FeedbackResponse, GeneratedImage, Txt
 
 ADMIN_TOKEN_ENV = "SDLOOP_ADMIN_TOKEN"
 IMAGE_DIR_ENV = "SDLOOP_IMAGE_DIR"
+log = logging.getLogger("sdloop.service")
 
 
 def error(status: int, word: str, message: str, endpoint: str) -> JSONResponse:
@@ -55,8 +56,12 @@ def _save_image(data: bytes, generation_id: str) -> Optional[str]:
     if os.environ.get(IMAGE_DIR_ENV, "").strip().lower() in ("off", "none", "0"):
         return None
     path = generations_dir() / time.strftime("%Y-%m-%d", time.gmtime()) / f"{generation_id}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+    except OSError as e:  # a full or read-only volume must not fail the request: the image is still answered
+        log.warning("could not keep %s (%s); set SDLOOP_IMAGE_DIR to a writable folder, or =off", path, e)
+        return None
     return str(path)
 
 

@@ -99,9 +99,11 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "")
-        for name in ("current_hours", "reference_hours", "cooldown_hours", "monitor_every_minutes"):
+        for name in ("current_hours", "reference_hours", "cooldown_hours"):
             value = getattr(self, name)
             _check(math.isfinite(value) and 0 < value <= 24 * 366, name, value, "a number of hours in (0, 8784]")
+        _check(0 < self.monitor_every_minutes <= 60 * 24 * 31, "monitor_every_minutes", self.monitor_every_minutes,
+               "a number of minutes in (0, 44640]")
         _check(1 <= self.min_generations <= 10**7, "min_generations", self.min_generations, "an integer >= 1")
         _check(1 <= self.min_feedback <= 10**7, "min_feedback", self.min_feedback, "an integer >= 1")
         _check(0 <= self.min_new_feedback <= 10**7, "min_new_feedback", self.min_new_feedback, "an integer >= 0")
@@ -161,7 +163,13 @@ class MonitorConfig:
             values = load_config_file(home() / CONFIG_FILE)
         if not isinstance(values, dict):
             raise ConfigError(f"{path or home() / CONFIG_FILE} must hold key: value lines (a mapping).")
-        return cls.from_dict({**values, **(overrides or {})})
+        merged = dict(values)
+        for key, value in (overrides or {}).items():  # --set train_overrides.x=1 changes one key of the mapping
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return cls.from_dict(merged)
 
 
 def config_help() -> str:

@@ -79,6 +79,12 @@ def val_loss_check(champion_loss: Optional[float], challenger_loss: Optional[flo
                      {"champion": a, "challenger": b, "margin": cfg.val_loss_margin, "same_split": same_split})
 
 
+def parity_failed(message: str) -> GateResult:
+    """The export stage refused the export because it does not match PyTorch: a rejection, with its figures."""
+    return GateResult((GateCheck("parity", False, f"the ONNX export does not draw what the trained model draws: "
+                                                  f"{message}"),))
+
+
 def parity_check(challenger_md: dict[str, Any]) -> GateCheck:
     parity = challenger_md.get("parity") or {}
     if parity.get("passed") is True:
@@ -113,7 +119,12 @@ def quality_gate(comparison: dict[str, Any], val: tuple[Optional[float], Optiona
     values = kid.get("values") or {} if kid.get("computed") else {}
     a = (values.get("a") or {}).get("value")
     b = (values.get("b") or {}).get("value")
-    return GateResult((kid_check(a, b, cfg), val_loss_check(val[0], val[1], cfg, val[2])))
+    checks = (kid_check(a, b, cfg), val_loss_check(val[0], val[1], cfg, val[2]))
+    if all(c.passed is None for c in checks):  # no evidence the challenger is not worse: it does not replace anyone
+        checks += (GateCheck("evidence", False, "neither KID nor a validation loss could be compared; raise "
+                                                "gate_images (KID needs a dozen images or more) or train with a "
+                                                "validation split"),)
+    return GateResult(checks)
 
 
 def export_gate(champion_md: dict[str, Any], challenger_md: dict[str, Any], cfg: MonitorConfig) -> GateResult:

@@ -33,6 +33,15 @@ def _config(settings: Optional[dict[str, Any]]) -> MonitorConfig:
     return MonitorConfig.from_dict(settings) if settings else MonitorConfig.load()
 
 
+class JobSkipped(Exception):
+    """A job that decided not to run (the scheduled retraining inside its cooldown or without new feedback):
+    recorded as skipped, with ``summary``."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 class JobFailed(Exception):
     """A job that ran to its end with a failed result (a retraining whose phase failed): recorded as failed, with
     ``summary`` kept in its job_runs row."""
@@ -59,9 +68,20 @@ def monitor_job(settings: Optional[dict[str, Any]] = None) -> dict[str, Any]:
 def retrain_job(settings: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run a scheduled retraining. It takes the retrain lock itself: a retraining already running raises
     monitor.lock.Busy, which the scheduler records as skipped; a failed retraining is recorded as failed."""
+    from monitor.check import new_feedback_since
+    from monitor.policy import scheduled
     from monitor.retrain import retrain
+    from monitor.retrain_log import RetrainLog
+    from monitor.store import open_store
 
-    outcome = retrain(_config(settings), trigger="schedule", progress=False, say=log.info)
+    cfg, store = _config(settings), open_store()
+    last = RetrainLog(store).last()
+    hours = (_now() - last["started"]).total_seconds() / 3600 if last else None
+    decision = scheduled(new_feedback_since(store, last["started"] if last else None), hours,
+                         last["status"] if last else None, cfg)
+    if not decision.retrain:
+        raise JobSkipped("; ".join(decision.reasons), decision.to_dict())
+    outcome = retrain(cfg, trigger="schedule", progress=False, say=log.info, store=store)
     summary = {"retrain_id": outcome.id, "outcome": outcome.status, "reasons": list(outcome.reasons),
                "champion": outcome.champion, "challenger": outcome.challenger,
                "run_dir": str(outcome.run_dir) if outcome.run_dir else None}
@@ -134,8 +154,8 @@ class RecordingExecutor(ThreadPoolExecutor):
                                                                   "(misfire_grace_s)"})
         elif event.code == EVENT_JOB_ERROR:
             exc = event.exception
-            status = "skipped" if isinstance(exc, Busy) else "failed"
-            extra = dict(exc.summary) if isinstance(exc, JobFailed) else {}
+            status = "skipped" if isinstance(exc, (Busy, JobSkipped)) else "failed"
+            extra = dict(exc.summary) if isinstance(exc, (JobFailed, JobSkipped)) else {}
             _finish_row(self.store, row_id, status, {**_jsonable(extra), "error": one_line(exc),
                                                      "type": type(exc).__name__})
             if status == "failed":

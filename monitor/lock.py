@@ -33,13 +33,22 @@ def _holder(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def hold(path: Path, what: str, info: Optional[dict[str, Any]] = None) -> Iterator[dict[str, Any]]:
-    """Hold the lock at ``path`` for the block, or raise Busy at once. The file records who holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    """Hold the lock at ``path`` for the block, or raise Busy within a second. The file records who holds it."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError(f"cannot open the {what} lock {path} ({e.strerror}); run as the user who owns the workspace "
+                        "or make its monitor/ folder writable.") from None
+    try:
+        for attempt in range(10):  # a `status` probe holds it for an instant: only a real holder keeps it a second
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < 9:
+                    time.sleep(0.1)
+        else:
             h = _holder(path)
             since = h.get("since", "an unknown time")
             shows = "sdloop scheduler status" if what == "scheduler" else "sdloop retrain history"
@@ -61,10 +70,13 @@ def holder(path: Path) -> Optional[dict[str, Any]]:
     """Who holds the lock at ``path`` now (pid, since), or None when nobody does."""
     if not path.is_file():
         return None
-    fd = os.open(path, os.O_RDWR)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: a probe never blocks another probe
         except BlockingIOError:
             return _holder(path) or {"pid": None}
         fcntl.flock(fd, fcntl.LOCK_UN)

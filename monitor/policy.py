@@ -119,3 +119,23 @@ def decide(evidence: Evidence, cfg: MonitorConfig) -> Decision:
                         feedback_needed=short, service=list(evidence.service))
     cooldown = f"{_last(evidence)}" + (f" (cooldown {_hours(cfg.cooldown_hours)} over)" if h is not None else "")
     return Decision("retrain", problems + [feedback_line, cooldown] + service, service=list(evidence.service))
+
+
+def scheduled(new_feedback: int, hours_since_retrain: Optional[float], last_outcome: Optional[str],
+              cfg: MonitorConfig) -> Decision:
+    """The crontab retraining's own check: a periodic refresh needs no drift, but it keeps the cooldown (so a
+    retraining pulled forward on Saturday is not repeated at Sunday 03:00) and the new-feedback minimum (nothing new
+    to learn from is not worth hours of training)."""
+    evidence = Evidence(enough_data=True, drift=[], bad_feedback=[], service=[], new_feedback=new_feedback,
+                        hours_since_retrain=hours_since_retrain, last_outcome=last_outcome)
+    h = evidence.hours_since_retrain
+    if h is not None and max(0.0, h) < cfg.cooldown_hours:
+        left = cfg.cooldown_hours - max(0.0, h)
+        return Decision("wait", [f"{_last(evidence)}, inside the {_hours(cfg.cooldown_hours)} cooldown: the scheduled "
+                                 f"retraining waits {_hours(left)} more"], wait_hours=left)
+    short = max(0, cfg.min_new_feedback - new_feedback)
+    if short:
+        return Decision("not_enough_data", [f"{new_feedback} new feedback row(s) since the last retraining; at least "
+                                            f"{cfg.min_new_feedback} needed: {short} more before retraining on them"],
+                        feedback_needed=short)
+    return Decision("retrain", [f"{new_feedback} new feedback row(s) to learn from", _last(evidence)])

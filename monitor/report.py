@@ -346,9 +346,8 @@ def _out_dir(out_dir: Optional[Path], created: dt.datetime) -> tuple[Path, bool]
             mine = {"current", "tests", "status"} <= set(json.loads(ours.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             mine = False
-        taken = [n for n in ("report.html", "report.json", "summary.json") if (path / n).exists()]
-        if taken and not mine:
-            raise UserError(f"{path} already holds {', '.join(taken)} that sdloop did not write; choose another "
+        if not mine and any(path.iterdir()):  # never write into a folder of the user's
+            raise UserError(f"{path} is not empty and is not an sdloop report folder; choose a new or empty "
                             "--output folder (or leave it out for a new one under the workspace).")
         return path, False
     from sdloop.workspace import monitor_dir

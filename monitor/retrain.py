@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from monitor.config import MonitorConfig
-from monitor.gate import GateResult, export_gate, quality_gate
+from monitor.gate import GateResult, export_gate, parity_failed, quality_gate
 from monitor.lock import hold, retrain_lock_path
 from monitor.retrain_log import RetrainLog
 from monitor.store import Store, open_store
@@ -76,8 +76,10 @@ def retrain(cfg: MonitorConfig, trigger: str = "manual", progress: bool = True, 
     a user-facing failure inside a phase is a ``failed`` outcome with its reason, a bug is logged and re-raised."""
     store = store or open_store()
     with hold(retrain_lock_path(), "retraining", {"trigger": trigger}):
+        from sdloop.champion import current_champion_tag
+
         log = RetrainLog(store)
-        stale = log.mark_interrupted()
+        stale = log.mark_interrupted(current_champion_tag())
         if stale:
             say(f"marked {len(stale)} retraining(s) left running by a stopped process as interrupted: "
                 f"{', '.join(stale)}")
@@ -112,9 +114,21 @@ def _start(cfg: MonitorConfig, log: RetrainLog, trigger: str, progress: bool,
     if not run_path or not RunFolder(run_path).is_finished():
         raise RetrainError(f"the champion {current.tag} was exported from {run_path or 'an unknown run'}, which is "
                            "not a finished run folder here; retraining needs that run (its config and data).")
+    _check_settings(cfg, Path(run_path))
     rid = log.begin(trigger, current.tag)
     work = monitor_dir() / "retrains" / rid
     return _Ctx(cfg, log, rid, current, Path(run_path), work, progress, say)
+
+
+def _check_settings(cfg: MonitorConfig, champion_run: Path) -> None:
+    """Build the challenger's training and export settings now, so a typo in train_overrides or export_settings is
+    one line before anything runs, not a failure hours in."""
+    from export.build import ExportConfig
+    from finetune.config import TrainConfig
+
+    probe = _Ctx(cfg, None, "check", None, champion_run, champion_run, False, print)  # type: ignore[arg-type]
+    TrainConfig.from_dict(_train_values(probe, champion_run, champion_run / "settings-check"))
+    ExportConfig.from_dict(cfg.export_settings)
 
 
 def _phases(c: _Ctx) -> RetrainOutcome:
@@ -133,9 +147,16 @@ def _phases(c: _Ctx) -> RetrainOutcome:
     done = RetrainOutcome(c.rid, "rejected", [], c.champion.tag, None, run_dir, comparison.report, [quality])
     if not quality.passed:
         return _finish(c, done, quality.reasons + ["rejected before export: the challenger draws worse"])
-    with c.log.step(c.rid, "export") as d:
-        export_dir = _export(c, run_dir)
-        d.update(summary=str(export_dir), export_dir=str(export_dir))
+    from export.errors import ParityError
+
+    try:
+        with c.log.step(c.rid, "export") as d:
+            export_dir = _export(c, run_dir)
+            d.update(summary=str(export_dir), export_dir=str(export_dir))
+    except ParityError as e:
+        parity = parity_failed(one_line(e))
+        done.gates.append(parity)
+        return _finish(c, done, parity.reasons)
     with c.log.step(c.rid, "publish") as d:
         from export.registry import publish, show
 
@@ -150,6 +171,13 @@ def _phases(c: _Ctx) -> RetrainOutcome:
         d.update(summary="; ".join(gate.lines()), gate=gate.to_dict())
     if not gate.passed:
         return _finish(c, done, gate.reasons)
+    from sdloop.champion import current_champion_tag
+
+    now_serving = current_champion_tag()
+    if now_serving != c.champion.tag:  # promoted or rolled back by hand meanwhile: never compared with that one
+        return _finish(c, done, [f"the champion changed during the retraining ({c.champion.tag} -> {now_serving}); "
+                                 "the challenger was compared with the old one, so it is not promoted: run "
+                                 "`sdloop retrain` again"])
     with c.log.step(c.rid, "promote") as d:
         from export.registry import promote
 

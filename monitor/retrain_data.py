@@ -204,16 +204,25 @@ def _plan(run: RunFolder, dataset: Path, data_cfg: DataConfig, store: Store, cfg
                             "missing_image"), 0)
     files: list[dict[str, Any]] = []
     real_root = os.path.realpath(dataset)
+    rows, counts["unrated"] = _rated_generations(store, since)
+    # a generation an earlier retraining learned from, rated low since: it leaves the champion's data too
+    disliked = {r["id"]: why for r in rows for verdict, why in [_judge(r, cfg)] if verdict == "dropped_low"}
+    counts["dropped_since"] = 0
     for rel, caption, sha in _champion_items(run, dataset, data_cfg):
         src = dataset / rel
         e = _entry(source="champion", source_path=str(src), caption=caption, sha256_trained=sha)
+        parts = rel.split("/")
+        gid = posixpath.splitext(parts[-1])[0] if "generated" in parts[:-1] else None
         if posixpath.isabs(rel) or not inside(real_root, src) or not src.is_file():
             counts["champion_missing"] += 1
             e["reason"] = "in the champion's split, but the file is gone from its dataset"
+        elif gid in disliked:
+            counts["dropped_since"] += 1
+            e.update(generation_id=gid, reason=f"a generation the champion learned from, rated low since: "
+                                               f"{disliked[gid]}")
         else:
             e.update(file=posixpath.join("champion", rel), decision="in", reason="the champion's training data")
         files.append(e)
-    rows, counts["unrated"] = _rated_generations(store, since)
     counts["rated"] = len(rows)
     added = 0
     for row in sorted(rows, key=_best_first):

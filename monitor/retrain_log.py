@@ -42,9 +42,10 @@ class RetrainLog:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def mark_interrupted(self) -> list[str]:
+    def mark_interrupted(self, champion: Optional[str] = None) -> list[str]:
         """Mark retrainings (and their steps) left running by a dead process as interrupted; return their ids.
-        Call only while holding the retrain lock."""
+        One whose promote step finished, or whose challenger is the ``champion`` now (killed inside the promote
+        step, after the pointer moved), is marked promoted. Call only while holding the retrain lock."""
         now = _now()
         with self.store.engine.begin() as conn:
             ids = list(conn.execute(sa.select(retrains.c.id).where(retrains.c.status == "running")).scalars())
@@ -54,6 +55,8 @@ class RetrainLog:
                 promoted = conn.execute(sa.select(retrain_steps.c.id).where(retrain_steps.c.retrain_id == rid)
                                         .where(retrain_steps.c.step == "promote")
                                         .where(retrain_steps.c.status == "ok")).first() is not None
+                challenger = conn.execute(sa.select(retrains.c.challenger).where(retrains.c.id == rid)).scalar()
+                promoted = promoted or (champion is not None and challenger == champion)
                 reason = ("the process stopped after the promotion, before the log was closed; the promotion stands"
                           if promoted else "the process stopped before the retraining finished (killed or crashed); "
                           "the champion was not changed")

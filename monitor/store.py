@@ -156,6 +156,13 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _stamp(value: Optional[dt.datetime]) -> dt.datetime:
+    """A timestamp to store: now, or ``value`` in UTC (sqlite keeps the wall-clock time and drops the offset)."""
+    if value is None:
+        return _now()
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
 def _utc(value: Optional[dt.datetime]) -> Optional[dt.datetime]:
     """sqlite returns naive datetimes (we wrote UTC); PostgreSQL returns aware ones."""
     if value is None or value.tzinfo is not None:
@@ -250,7 +257,7 @@ class Store:
         gid = generation_id or str(uuid.uuid4())
         with self.engine.begin() as conn:
             conn.execute(generations.insert().values(
-                id=gid, created=created or _now(), prompt=prompt, negative_prompt=negative_prompt or "", params=params,
+                id=gid, created=_stamp(created), prompt=prompt, negative_prompt=negative_prompt or "", params=params,
                 model_version=model_version, latency_s=float(latency_s), descriptors=descriptors,
                 image_path=image_path))
         return gid
@@ -259,7 +266,7 @@ class Store:
                     created: Optional[dt.datetime] = None) -> None:
         """Record a request that did not produce an image (timeout, not ready, server error): the error rate."""
         with self.engine.begin() as conn:
-            conn.execute(failures.insert().values(created=created or _now(), endpoint=endpoint, kind=kind,
+            conn.execute(failures.insert().values(created=_stamp(created), endpoint=endpoint, kind=kind,
                                                   message=message[:2000], model_version=model_version))
 
     def add_feedback(self, generation_id: str, client_id: str, rating: Optional[int] = None,
@@ -267,7 +274,7 @@ class Store:
                      tags: Optional[list[str]] = None, created: Optional[dt.datetime] = None) -> dict[str, Any]:
         """Store a client's feedback on a generation: a repeat from the same client updates its row. Returns the row
         and whether it was created. Raises UnknownGeneration for an id never logged. Committed before this returns."""
-        now = created or _now()
+        now = _stamp(created)
         values = {"generation_id": generation_id, "client_id": client_id, "rating": rating, "thumbs": thumbs,
                   "comment": comment, "tags": list(tags or []), "created": now, "updated": now}
         if self.dialect == "postgresql":

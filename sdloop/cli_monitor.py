@@ -47,7 +47,10 @@ def parse_when(text: Optional[str], flag: str, now: dt.datetime) -> Optional[dt.
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhd])\s*", text)
     if m:
         unit = {"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return now - dt.timedelta(**{unit: float(m.group(1))})
+        try:
+            return now - dt.timedelta(**{unit: float(m.group(1))})
+        except (OverflowError, ValueError):
+            raise UserError(f"{flag} {text!r} reaches before year 1; give a shorter age or a date.") from None
     from monitor.windows import parse_time
 
     try:
@@ -147,6 +150,8 @@ def cmd_retrain_history(args: argparse.Namespace) -> int:
     from monitor.retrain_log import RetrainLog, format_history
     from monitor.store import open_store
 
+    if args.limit < 1:
+        raise UserError(f"--limit {args.limit} must be at least 1.")
     rows = RetrainLog(open_store()).history(limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))

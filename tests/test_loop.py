@@ -159,7 +159,11 @@ def test_the_loop(server: dict, loop_home: Path, capsys: pytest.CaptureFixture) 
     assert second != first
     wait_for(lambda: _served(url)[0] == second, timeout=60, every=0.5)
 
-    # 5. a challenger made worse on purpose (its LoRA scaled 64x) is rejected; the champion keeps serving
+    # 5. a challenger made worse on purpose (its LoRA scaled 64x) is rejected; the champion keeps serving.
+    # Meanwhile someone rates one of the loved images low: it leaves the data, though the champion learned from it
+    loved = [gid for gid, r in rated if r == 5]
+    assert _post(url + "/feedback", {"generation_id": loved[0], "rating": 1, "thumbs": "down",
+                                     "client_id": "late-critic"})[0] == 200
     assert main(["retrain", "--quiet", "--set", "train_overrides.alpha=512"]) == 0
     out = capsys.readouterr().out
     assert "REJECTED" in out and "KID" in out, out
@@ -177,3 +181,9 @@ def test_the_loop(server: dict, loop_home: Path, capsys: pytest.CaptureFixture) 
     record = json.loads(Path(history[1]["steps"][0]["detail"]["record"]).read_text())
     decided = {f["generation_id"]: f["decision"] for f in record["files"] if f["source"] == "generation"}
     assert {gid: decided.get(gid) for gid, _ in rated} == {gid: ("in" if r == 5 else "out") for gid, r in rated}
+    later = json.loads(Path(history[0]["steps"][0]["detail"]["record"]).read_text())
+    mine = [f for f in later["files"] if f["generation_id"] == loved[0]]
+    assert mine and all(f["decision"] == "out" for f in mine)
+    assert any(f["source"] == "champion" and "rated low since" in f["reason"] for f in mine)
+    # the other loved one stays (once: its copy in the champion's data and the generation are one image)
+    assert [f["decision"] for f in later["files"] if loved[1] in (f["source_path"] or "")].count("in") == 1

@@ -131,9 +131,14 @@ def test_no_drift_passes_and_writes_files(store: Store, workspace: Path) -> None
     _report(store, workspace, NOW - 8 * DAY, out_dir=workspace / "mine", workspace=False)  # ours: rewritten
     (workspace / "theirs").mkdir()
     (workspace / "theirs" / "report.html").write_text("a user's page")
-    with pytest.raises(UserError, match="did not write"):
+    with pytest.raises(UserError, match="not an sdloop report folder"):
         _report(store, workspace, NOW - 8 * DAY, out_dir=workspace / "theirs", workspace=False)
     assert (workspace / "theirs" / "report.html").read_text() == "a user's page"
+    (workspace / "notes").mkdir()
+    (workspace / "notes" / "todo.txt").write_text("a user's file")  # any non-empty folder of the user's
+    with pytest.raises(UserError, match="not an sdloop report folder"):
+        _report(store, workspace, NOW - 8 * DAY, out_dir=workspace / "notes", workspace=False)
+    assert sorted(p.name for p in (workspace / "notes").iterdir()) == ["todo.txt"]
 
 
 def test_prompt_drift(store: Store, workspace: Path) -> None:

@@ -295,7 +295,7 @@ def test_the_real_jobs_on_an_empty_workspace(workspace: Path, procs: list) -> No
     """monitor.jobs by their stored references: the check runs and says there is too little data; the retraining,
     pulled forward, fails in one line because there is no champion, and the scheduler carries on."""
     store = Store(f"sqlite:///{workspace / 'monitor.db'}")
-    settings = {**SETTINGS, "monitor_every_minutes": 0.05}
+    settings = {**SETTINGS, "monitor_every_minutes": 0.05, "min_new_feedback": 0}  # past the scheduled check
     p = _start(workspace, settings, {}, wake_s=0.5)
     procs.append(p)
     _wait_for("a real monitor check", _ok(store, "monitor", 1), p, deadline_s=60)
