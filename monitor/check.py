@@ -57,39 +57,13 @@ def evidence(report: Any, store: Store, now: dt.datetime) -> Evidence:
                     last_outcome=last["status"] if last else None)
 
 
-def prune_reports(keep: int) -> list[Path]:
-    """Delete the oldest report folders under monitor_dir()/reports beyond ``keep``: only folders whose name and
-    summary.json say sdloop wrote them. Returns what went."""
-    import json
-    import re
-    import shutil
-
-    from sdloop.workspace import monitor_dir
-
-    root = monitor_dir() / "reports"
-    if not root.is_dir():
-        return []
-    ours = []
-    for folder in sorted(root.iterdir()):
-        try:
-            mine = re.fullmatch(r"\d{8}T\d{6}Z(-\d+)?", folder.name) and folder.is_dir() and \
-                {"current", "tests", "status"} <= set(json.loads((folder / "summary.json").read_text("utf-8")))
-        except (OSError, ValueError, TypeError):
-            mine = False
-        if mine:
-            ours.append(folder)
-    doomed = ours[:-keep] if len(ours) > keep else []
-    for folder in doomed:
-        shutil.rmtree(folder, ignore_errors=True)
-    return doomed
-
-
 def run_check(cfg: MonitorConfig, store: Optional[Store] = None, now: Optional[dt.datetime] = None,
               since: Optional[dt.datetime] = None, until: Optional[dt.datetime] = None,
               reference: Optional[Any] = None,
               out_dir: Optional[Path] = None) -> CheckResult:
     """Build the report for the current window and decide."""
     from monitor.report import build_report
+    from monitor.report_files import prune_reports
 
     store = store or open_store()
     now = now or dt.datetime.now(dt.timezone.utc)

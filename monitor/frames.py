@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ class WindowData:
     feedback: int
     rated: int
     failures: int
+    requests: int = 0  # answered requests: a request for several images logged one generation per image
 
     def counts(self) -> dict[str, int]:
         return {"generations": self.generations, "feedback": self.feedback, "rated": self.rated,
@@ -129,8 +130,15 @@ def window_data(store: "Store", window: "Window", vocab: Optional[Counter] = Non
     frame["feedback_rows"] = frame["feedback_rows"].fillna(0).astype(float)
     for c in NUMERIC_COLUMNS:
         frame[c] = frame[c].astype(float)
+    requests = round(sum(1 / _images_asked(r["params"]) for r in rows))
     return WindowData(frame=frame, generations=len(frame), feedback=len(fb),
-                      rated=int(frame["rating"].notna().sum()), failures=_failures(store, window))
+                      rated=int(frame["rating"].notna().sum()), failures=_failures(store, window), requests=requests)
+
+
+def _images_asked(params: Any) -> int:
+    """Images the request of a logged generation asked for (its params carry num_images; 1 when absent)."""
+    n = params.get("num_images") if isinstance(params, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
 
 
 def window_pair(store: "Store", current: "Window", reference: Optional["Window"]

@@ -22,8 +22,6 @@ summary.json), and every run with an Evidently snapshot is added to the Evidentl
 from __future__ import annotations
 
 import datetime as dt
-import html as html_lib
-import json
 import math
 import os
 import warnings
@@ -34,15 +32,14 @@ from typing import TYPE_CHECKING, Any, Optional
 os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently's telemetry: off before it is ever imported
 
 from monitor.frames import IMAGE_COLUMNS, NUMERIC_COLUMNS, PROMPT_COLUMNS, WindowData, window_pair, words
+from monitor.report_files import add_to_workspace, out_dir_for, write_files
 from monitor.windows import Window, current_window, iso, reference_window
-from sdloop.atomic import atomic_dir, check_writable_dir, write_json_atomic, write_text_atomic
-from sdloop.errors import UserError
+from sdloop.atomic import write_json_atomic
 
 if TYPE_CHECKING:
     from monitor.config import MonitorConfig
     from monitor.store import Store
 
-PROJECT = "sdloop"
 TEXT_DRIFT_MIN_ROWS = 10  # its TF-IDF classifier fails on a handful of prompts
 GROUPS = ("volume", "prompts", "images", "feedback", "service")
 
@@ -237,7 +234,7 @@ def _own_tests(cfg: "MonitorConfig", cur: WindowData, ref: Optional[WindowData],
         out.append(TestResult("reference generations", "volume", "pass" if n >= cfg.min_generations else "fail",
                               float(n), cfg.min_generations,
                               f"{n} generations in the reference window (at least {cfg.min_generations} needed)"))
-    requests = cur.generations + cur.failures
+    requests = cur.requests + cur.failures
     rate = cur.failures / requests if requests else None
     status = ("not_enough_data" if rate is None or not verdict else
               "fail" if rate > cfg.max_error_rate else "pass")
@@ -296,70 +293,6 @@ def _run_evidently(plan: _Plan, cur: WindowData, ref: Optional[WindowData], curr
                           timestamp=current.until.astimezone(dt.timezone.utc).replace(tzinfo=None))
 
 
-def add_to_workspace(snapshot: Any, name: Optional[str] = None, path: Optional[Path] = None) -> str:
-    """Add ``snapshot`` (as run ``name``) to the Evidently workspace (project "sdloop", created once); return the run
-    id. ``evidently ui --workspace <monitor_dir()/evidently>`` lists these runs."""
-    from evidently.ui.workspace import Workspace
-
-    from sdloop.workspace import monitor_dir
-
-    path = Path(path) if path is not None else monitor_dir() / "evidently"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        ws = Workspace.create(str(path))
-        found = ws.search_project(PROJECT)
-        project = found[0] if found else ws.create_project(
-            PROJECT, description="sdloop monitoring: current window against the champion's reference")
-        return str(ws.add_run(project.id, snapshot, name=name).id)
-    except OSError as e:
-        raise UserError(f"cannot write the Evidently workspace {path}: {e.strerror or e}; check the folder's "
-                        "permissions and free space.") from None
-
-
-def _summary_html(rep: MonitorReport) -> str:
-    colour = {"pass": "#1b7f3b", "fail": "#b3261e", "not_enough_data": "#8a6d00"}
-    verdict = {"pass": "healthy: every test passed", "fail": "problems found",
-               "not_enough_data": "not enough data for a verdict"}[rep.status]
-    ref = (f"{iso(rep.reference.since)} .. {iso(rep.reference.until)} ({html_lib.escape(rep.reference.how)})"
-           if rep.reference else "none yet")
-    rows = "".join(
-        f"<tr><td>{t.group}</td><td>{html_lib.escape(t.name)}</td>"
-        f"<td style='color:{colour[t.status]};font-weight:bold'>{t.status}</td>"
-        f"<td>{html_lib.escape(t.text)}</td></tr>" for t in rep.tests if t.decisive)
-    counts = ", ".join(f"{w}: " + ", ".join(f"{v} {k}" for k, v in c.items()) for w, c in rep.counts.items())
-    return (f"<div id='sdloop-summary' style='font-family:sans-serif;margin:16px 24px;padding:12px 16px;"
-            f"border:2px solid {colour[rep.status]};border-radius:8px;background:#fff'>"
-            f"<h2 style='margin:0 0 8px;color:{colour[rep.status]}'>sdloop monitor: {verdict}</h2>"
-            f"<div>current window: {iso(rep.current.since)} .. {iso(rep.current.until)} "
-            f"({html_lib.escape(rep.current.how)})</div><div>reference window: {ref}</div>"
-            f"<div style='color:#555'>{html_lib.escape(counts)}</div>"
-            f"<table style='border-collapse:collapse;margin-top:8px' cellpadding='4' border='1'>"
-            f"<tr><th>group</th><th>test</th><th>status</th><th>detail</th></tr>{rows}</table></div>")
-
-
-def _out_dir(out_dir: Optional[Path], created: dt.datetime) -> tuple[Path, bool]:
-    """Where the files go, and whether it is a new folder of ours (written as a whole, atomically)."""
-    if out_dir is not None:
-        path = check_writable_dir(Path(out_dir), "report folder")
-        ours = path / "summary.json"
-        try:
-            mine = {"current", "tests", "status"} <= set(json.loads(ours.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            mine = False
-        if not mine and any(path.iterdir()):  # never write into a folder of the user's
-            raise UserError(f"{path} is not empty and is not an sdloop report folder; choose a new or empty "
-                            "--output folder (or leave it out for a new one under the workspace).")
-        return path, False
-    from sdloop.workspace import monitor_dir
-
-    base = monitor_dir() / "reports" / created.strftime("%Y%m%dT%H%M%SZ")
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path, True
-
-
 def build_report(store: "Store", cfg: "MonitorConfig", since: Optional[dt.datetime] = None,
                  until: Optional[dt.datetime] = None, reference: Optional[Window] = None,
                  out_dir: Optional[Path] = None, now: Optional[dt.datetime] = None,
@@ -371,7 +304,7 @@ def build_report(store: "Store", cfg: "MonitorConfig", since: Optional[dt.dateti
 
     start = time.perf_counter()
     created = dt.datetime.now(dt.timezone.utc)
-    target, fresh = _out_dir(out_dir, created)
+    target, fresh = out_dir_for(out_dir, created)
     current = current_window(cfg, now=now, since=since, until=until)
     ref_window = reference_window(store, cfg, now=now, explicit=reference)
     cur, ref = window_pair(store, current, ref_window)
@@ -393,31 +326,7 @@ def build_report(store: "Store", cfg: "MonitorConfig", since: Optional[dt.dateti
                         mean_rating={"current": _mean(cur, "rating"), "reference": _mean(ref, "rating")})
     if snapshot is not None and workspace:
         rep.workspace_run = add_to_workspace(snapshot, f"{rep.status}: {iso(current.since)}..{iso(current.until)}")
-    _write(rep, snapshot, target, fresh)
+    write_files(rep, snapshot, target, fresh)
     rep.build_s = time.perf_counter() - start
     write_json_atomic(rep.summary, rep.to_dict())
     return rep
-
-
-def _write(rep: MonitorReport, snapshot: Any, target: Path, fresh: bool) -> None:
-    summary = _summary_html(rep)
-    if snapshot is not None:
-        page = snapshot.get_html_str(as_iframe=False)
-        page = page.replace("<body>", "<body>" + summary, 1) if "<body>" in page else summary + page
-        evidently_json = snapshot.json()
-    else:
-        page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sdloop monitor</title></head><body>" \
-               f"{summary}</body></html>"
-        evidently_json = json.dumps({"metrics": [], "tests": [],
-                                     "note": "no generations in the current window: nothing for Evidently"})
-
-    def put(folder: Path) -> None:
-        write_text_atomic(folder / "report.html", page)
-        write_text_atomic(folder / "report.json", evidently_json)
-        write_json_atomic(folder / "summary.json", rep.to_dict())
-
-    if fresh:
-        with atomic_dir(target, replace=False) as tmp:
-            put(tmp)
-    else:
-        put(target)

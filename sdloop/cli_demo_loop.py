@@ -132,7 +132,8 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
     from sdloop.champion import current_champion_tag
     from sdloop.workspace import monitor_dir
 
-    cfg = MonitorConfig.from_dict({**demo_monitor_settings(steps or 40), "gate_prompts": eval_captions(8, 1, concept=concept)})
+    cfg = MonitorConfig.from_dict({**demo_monitor_settings(steps or 40),
+                                   "gate_prompts": eval_captions(8, 1, concept=concept)})
     log = monitor_dir() / "demo-server.log"
     print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})")
     with served(log) as url:

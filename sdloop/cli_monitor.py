@@ -97,7 +97,7 @@ def cmd_monitor_report(args: argparse.Namespace) -> int:
 
     if _help_config(args):
         return 0
-    from monitor.check import prune_reports
+    from monitor.report_files import prune_reports
 
     cfg, w = _config(args), _windows(args)
     report = build_report(open_store(), cfg, **w)

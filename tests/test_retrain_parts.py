@@ -176,7 +176,7 @@ def test_check_on_an_empty_workspace_says_not_enough_data(workspace: Path, capsy
 
 
 def test_old_reports_are_pruned_but_nothing_else(workspace: Path) -> None:
-    from monitor.check import prune_reports
+    from monitor.report_files import prune_reports
     from sdloop.workspace import monitor_dir
 
     root = monitor_dir() / "reports"
@@ -234,3 +234,22 @@ def test_more_mistakes_are_one_line(workspace: Path, capsys: pytest.CaptureFixtu
 def test_no_quality_evidence_is_a_rejection() -> None:
     gate = quality_gate(_comparison(None, None), (None, None, False), CFG)
     assert not gate.passed and "neither KID nor a validation loss" in gate.reasons[0]
+
+
+def test_the_error_rate_counts_requests_not_images(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from monitor.frames import window_data
+    from monitor.store import Store
+    from monitor.windows import Window
+
+    store = Store(f"sqlite:///{tmp_path / 'm.db'}")
+    for n, images in ((4, 4), (2, 1)):  # one request for 4 images, two requests for one each
+        for _ in range(n):
+            store.log_generation(prompt="a red circle", negative_prompt="", params={"num_images": images},
+                                 model_version="sdloop:a", latency_s=0.1, descriptors={})
+    store.log_failure("txt2img_json", "timeout", "too slow")
+    now = dt.datetime.now(dt.timezone.utc)
+    data = window_data(store, Window(now - dt.timedelta(hours=1), now + dt.timedelta(seconds=1), "test"))
+    assert (data.generations, data.requests, data.failures) == (6, 3, 1)
+    store.close()
