@@ -32,8 +32,36 @@ def _holder(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def hold(path: Path, what: str, info: Optional[dict[str, Any]] = None) -> Iterator[dict[str, Any]]:
-    """Hold the lock at ``path`` for the block, or raise Busy within a second. The file records who holds it."""
+def _database_lock(url: Optional[str], what: str) -> Iterator[None]:
+    """On PostgreSQL, also a session advisory lock named after ``what``: processes on other hosts that share the
+    database (and so the job store and the retraining log) are excluded too. Nothing to do on sqlite: one host."""
+    if not url or not url.startswith("postgresql"):
+        yield
+        return
+    import zlib
+
+    import sqlalchemy as sa
+
+    key = zlib.crc32(f"sdloop:{what}".encode())
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                raise Busy(f"another {what} is running on a host that shares this database ({engine.url.host}); "
+                           "run one per database, or wait for it to finish.")
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def hold(path: Path, what: str, info: Optional[dict[str, Any]] = None,
+         db_url: Optional[str] = None) -> Iterator[dict[str, Any]]:
+    """Hold the lock at ``path`` for the block, or raise Busy within a second. The file records who holds it. With a
+    PostgreSQL ``db_url``, the database's advisory lock of the same name is held too (several hosts, one database)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -55,10 +83,11 @@ def hold(path: Path, what: str, info: Optional[dict[str, Any]] = None) -> Iterat
             raise Busy(f"another {what} is running (pid {h.get('pid', '?')}, since {since}); wait for it to finish "
                        f"(`{shows}` shows it) or stop that process.") from None
         me = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
         try:
-            yield me
+            with _database_lock(db_url, what):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+                yield me
         finally:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)

@@ -75,7 +75,7 @@ def retrain(cfg: MonitorConfig, trigger: str = "manual", progress: bool = True, 
     """One retraining under the retrain lock (``monitor.lock.Busy`` when another runs). Returns the outcome;
     a user-facing failure inside a phase is a ``failed`` outcome with its reason, a bug is logged and re-raised."""
     store = store or open_store()
-    with hold(retrain_lock_path(), "retraining", {"trigger": trigger}):
+    with hold(retrain_lock_path(), "retraining", {"trigger": trigger}, db_url=store.url):
         from sdloop.champion import current_champion_tag
 
         log = RetrainLog(store)

@@ -173,7 +173,9 @@ def run_scheduler(cfg: MonitorConfig, *, funcs: Optional[Mapping[str, str]] = No
     stop = stop_event or threading.Event()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    with hold(scheduler_lock_path(), "scheduler"):
+    from sdloop.workspace import store_url
+
+    with hold(scheduler_lock_path(), "scheduler", db_url=url or store_url()):
         store = open_store(url)
         interrupted = close_interrupted(store)
         if interrupted:

@@ -253,3 +253,28 @@ def test_the_error_rate_counts_requests_not_images(tmp_path: Path) -> None:
     data = window_data(store, Window(now - dt.timedelta(hours=1), now + dt.timedelta(seconds=1), "test"))
     assert (data.generations, data.requests, data.failures) == (6, 3, 1)
     store.close()
+
+
+@pytest.mark.skipif(not os.environ.get("SDLOOP_TEST_POSTGRES_URL"),
+                    reason="no PostgreSQL for this session: SDLOOP_TEST_POSTGRES_URL is unset (.ci/run starts one)")
+def test_hosts_sharing_one_postgresql_exclude_each_other(tmp_path: Path) -> None:
+    """Two 'hosts' (different lock files, so the file lock does not meet) on one database: the advisory lock does."""
+    from monitor.lock import Busy, hold
+
+    url = os.environ["SDLOOP_TEST_POSTGRES_URL"]
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pathlib import Path; from monitor.lock import hold\n"
+        f"with hold(Path({str(tmp_path / 'a.lock')!r}), 'retraining', db_url={url!r}):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(Busy, match="shares this database"):
+            with hold(tmp_path / "b.lock", "retraining", db_url=url):
+                pass
+        with hold(tmp_path / "b.lock", "scheduler", db_url=url):  # another lock name is free
+            pass
+    finally:
+        child.kill()
+        child.wait()
+    with hold(tmp_path / "b.lock", "retraining", db_url=url):  # released with the dead session
+        pass
