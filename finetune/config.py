@@ -16,7 +16,7 @@ import yaml
 
 from sdloop.configfile import ConfigError, load_config_file
 
-from sdloop.config_types import MAX_SEED, build_dataclass, check_types
+from sdloop.config_types import MAX_SEED, build_dataclass, check_types, help_field
 
 __all__ = ["AugmentConfig", "ConfigError", "DataConfig", "SearchSpace", "TrainConfig", "build_dataclass",
            "load_config_file", "tiny_overrides"]
@@ -24,11 +24,7 @@ __all__ = ["AugmentConfig", "ConfigError", "DataConfig", "SearchSpace", "TrainCo
 MAX_STEPS = 100_000_000  # counts of steps beyond this cannot finish; they only overflow later arithmetic
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help text in its metadata."""
-    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = help_field  # a field with its help text
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

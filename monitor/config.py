@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from sdloop.config_types import build_dataclass, check_types
+from sdloop.config_types import build_dataclass, check_types, help_field
 from sdloop.configfile import ConfigError, load_config_file
 
 DRIFT_METHODS = ("psi", "wasserstein", "ks", "jensenshannon", "kl_div", "chisquare")
 CONFIG_FILE = "monitor.yaml"
 
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+_f = help_field  # a field with its help text
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

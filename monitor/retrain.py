@@ -68,6 +68,7 @@ class _Ctx:
     work: Path
     progress: bool
     say: Callable[[str], None]
+    trigger: str = "manual"
 
 
 def retrain(cfg: MonitorConfig, trigger: str = "manual", progress: bool = True, store: Optional[Store] = None,
@@ -117,7 +118,7 @@ def _start(cfg: MonitorConfig, log: RetrainLog, trigger: str, progress: bool,
     _check_settings(cfg, Path(run_path))
     rid = log.begin(trigger, current.tag)
     work = monitor_dir() / "retrains" / rid
-    return _Ctx(cfg, log, rid, current, Path(run_path), work, progress, say)
+    return _Ctx(cfg, log, rid, current, Path(run_path), work, progress, say, trigger)
 
 
 def _check_settings(cfg: MonitorConfig, champion_run: Path) -> None:
@@ -182,7 +183,7 @@ def _phases(c: _Ctx) -> RetrainOutcome:
         from export.registry import promote
 
         checks = "; ".join(ch.text for g in done.gates for ch in g.checks if ch.passed)
-        event = promote(tag, reason=f"retraining {c.rid} ({_trigger(c)}): {checks}")
+        event = promote(tag, reason=f"retraining {c.rid} (trigger {c.trigger}): {checks}")
         d.update(summary=f"{tag} is the champion (was {event['previous']})")
     done.status = "promoted"
     return _finish(c, done, [f"{tag} passed the gate and is the champion; the service loads it at its next poll"])
@@ -192,11 +193,6 @@ def _finish(c: _Ctx, outcome: RetrainOutcome, reasons: list[str]) -> RetrainOutc
     outcome.reasons = reasons
     c.log.finish(c.rid, outcome.status, reasons, challenger=outcome.challenger)
     return outcome
-
-
-def _trigger(c: _Ctx) -> str:
-    rows = [r for r in c.log.history(limit=5) if r["id"] == c.rid]
-    return f"trigger {rows[0]['trigger']}" if rows else "retraining"
 
 
 def _data(c: _Ctx) -> dict[str, Any]:
@@ -211,11 +207,7 @@ def _data(c: _Ctx) -> dict[str, Any]:
 
 def _train_values(c: _Ctx, data_dir: Path, output: Path) -> dict[str, Any]:
     """The champion's training config, on the new data, into a new run, then the configured overrides."""
-    import yaml
-
-    from sdloop.runfolder import RunFolder
-
-    values = yaml.safe_load(RunFolder(c.champion_run).config.read_text(encoding="utf-8"))
+    values = _champion_config(c.champion_run)
     values.update(data=str(data_dir), output=str(output), init_lora=str(c.champion_run) if c.cfg.from_champion else "")
     for key, value in c.cfg.train_overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
@@ -238,7 +230,7 @@ def _train(c: _Ctx, data_dir: Path) -> tuple[Path, tuple[Optional[float], Option
     c.say(f"[2/6] train: {cfg.max_steps or cfg.epochs} {'steps' if cfg.max_steps else 'epochs'} from {start} "
           f"into {output}")
     result = train(cfg, progress=c.progress)
-    champ_cfg = yaml_config(RunFolder(c.champion_run))
+    champ_cfg = _champion_config(c.champion_run)
     same_adapters = all(champ_cfg.get(k) == getattr(cfg, k) for k in ("rank", "alpha", "target_modules",
                                                                       "train_text_encoder"))
     if cfg.init_lora and same_adapters:
@@ -249,10 +241,12 @@ def _train(c: _Ctx, data_dir: Path) -> tuple[Path, tuple[Optional[float], Option
     return result.run_dir, (RunFolder(c.champion_run).manifest().best_val_loss, result.best_val_loss, False)
 
 
-def yaml_config(run: Any) -> dict[str, Any]:
-    import yaml
+def _champion_config(champion_run: Path) -> dict[str, Any]:
+    """The champion run's training config as it wrote it (config.yaml)."""
+    from sdloop.configfile import load_config_file
+    from sdloop.runfolder import RunFolder
 
-    return yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+    return load_config_file(RunFolder(champion_run).config)
 
 
 def _prompts(c: _Ctx, data_dir: Path) -> list[str]:

@@ -19,6 +19,14 @@ from sdloop.configfile import ConfigError  # noqa: F401 - re-exported: stages im
 from sdloop.seeding import MAX_SEED  # noqa: F401 - torch and numpy take 64-bit seeds; ours are 63-bit
 
 
+def help_field(default: Any, help: str, **metadata: Any) -> Any:
+    """A config dataclass field with its help text in the metadata (``--help-config`` prints it); a list or dict
+    default is copied per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 # ---- type checks -------------------------------------------------------------------------------------------------
 
 def _kind(value: Any) -> str:

@@ -103,3 +103,34 @@ def drawing_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from finetune.base import write_drawing_base
 
     return write_drawing_base(tmp_path_factory.mktemp("drawing") / "tiny-drawing")
+
+
+@pytest.fixture()
+def postgres_db() -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database on the server .ci/run starts (SDLOOP_TEST_POSTGRES_URL), dropped
+    after the test; skipped, with the reason, where there is none."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    base = os.environ.get("SDLOOP_TEST_POSTGRES_URL", "")
+    if not base:
+        pytest.skip("no PostgreSQL for this session: SDLOOP_TEST_POSTGRES_URL is unset (.ci/run starts one)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed, so PostgreSQL cannot be reached")
+    name = f"sdloop_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # noqa: BLE001 - any failure to connect means: not reachable here
+        admin.dispose()
+        pytest.skip(f"PostgreSQL at SDLOOP_TEST_POSTGRES_URL is not reachable: {str(e).splitlines()[0]}")
+    try:
+        yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

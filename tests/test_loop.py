@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 from serve_support import wait_for
-from test_serve_real import ROOT, _free_port, _get, _post
+from test_serve_real import ROOT, _post
 
 REQUEST = {"steps": 4, "width": 64, "height": 64}
 SETTINGS = {
@@ -62,26 +62,12 @@ def loop_home(drawing_base: Path, synth_data: Path, tmp_path_factory: pytest.Tem
 
 @pytest.fixture(scope="module")
 def server(loop_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    port = _free_port()
+    """`sdloop serve` with one worker on a free port, as the demo starts it (sdloop.cli_demo_loop.served)."""
+    from sdloop.cli_demo_loop import served
+
     log = tmp_path_factory.mktemp("loop-log") / "server.log"
-    env = {**os.environ, "SDLOOP_POLL_S": "0.5", "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sdloop.cli", "serve", "--port", str(port), "--workers", "1",
-                                 "--threads", "4", "--torch-threads", "1"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: proc.poll() is not None or _get(url + "/readyz")[0] == 200, timeout=180, every=0.5)
-        assert proc.poll() is None, log.read_text()[-3000:]
+    with served(log) as url:
         yield {"url": url, "log": log}
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def _served(url: str, prompt: str = "a red circle", seed: int = 0) -> tuple[str, str]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -287,30 +285,8 @@ def test_reference_falls_back_to_champions_first_generations(workspace: Path) ->
 
 # -- PostgreSQL --------------------------------------------------------------------------------------------------------
 
-@pytest.fixture()
-def pg_url() -> Iterator[str]:
-    base = os.environ.get("SDLOOP_TEST_POSTGRES_URL", "")
-    if not base:
-        pytest.skip("no PostgreSQL for this session: SDLOOP_TEST_POSTGRES_URL is unset (.ci/run starts one)")
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg is not installed, so PostgreSQL cannot be reached")
-    name = f"sdloop_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:  # noqa: BLE001 - any failure to connect means: not reachable here
-        pytest.skip(f"PostgreSQL at SDLOOP_TEST_POSTGRES_URL is not reachable: {str(e).splitlines()[0]}")
-    yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def test_postgresql_report_and_frozen_window(pg_url: str, workspace: Path) -> None:
-    store = Store(pg_url)
+def test_postgresql_report_and_frozen_window(postgres_db: str, workspace: Path) -> None:
+    store = Store(postgres_db)
     _fill(store, NOW - 3 * DAY, seed=1)
     _fill(store, NOW - 2 * DAY, seed=5, ratings=(1, 2), down=0.8, version="sdloop:eee")
     _promote("sdloop:eee", NOW - 2 * DAY)

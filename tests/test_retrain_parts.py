@@ -3,6 +3,7 @@ retrain lock, the store's migration of an existing database, and the command lin
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import sqlite3
@@ -123,7 +124,7 @@ def test_an_existing_version_2_store_migrates_keeping_its_rows(tmp_path: Path) -
         _versions.create(conn)
         for version in (1, 2):
             MIGRATIONS[version - 1](conn)
-            conn.execute(_versions.insert().values(version=version, applied=old_now()))
+            conn.execute(_versions.insert().values(version=version, applied=dt.datetime.now(dt.timezone.utc)))
     gid = old.log_generation(prompt="a red circle", negative_prompt="", params={}, model_version="sdloop:a",
                              latency_s=0.1, descriptors={})
     old.add_feedback(gid, "alice", rating=4)
@@ -136,12 +137,6 @@ def test_an_existing_version_2_store_migrates_keeping_its_rows(tmp_path: Path) -
     new.close()
     tables = {r[0] for r in sqlite3.connect(tmp_path / "old.db").execute("SELECT name FROM sqlite_master")}
     assert {"failures", "reference_windows", "retrains", "retrain_steps", "job_runs"} <= tables
-
-
-def old_now():  # noqa: ANN201 - a timestamp for the hand-made version rows
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -237,8 +232,6 @@ def test_no_quality_evidence_is_a_rejection() -> None:
 
 
 def test_the_error_rate_counts_requests_not_images(tmp_path: Path) -> None:
-    import datetime as dt
-
     from monitor.frames import window_data
     from monitor.store import Store
     from monitor.windows import Window
@@ -255,13 +248,11 @@ def test_the_error_rate_counts_requests_not_images(tmp_path: Path) -> None:
     store.close()
 
 
-@pytest.mark.skipif(not os.environ.get("SDLOOP_TEST_POSTGRES_URL"),
-                    reason="no PostgreSQL for this session: SDLOOP_TEST_POSTGRES_URL is unset (.ci/run starts one)")
-def test_hosts_sharing_one_postgresql_exclude_each_other(tmp_path: Path) -> None:
+def test_hosts_sharing_one_postgresql_exclude_each_other(tmp_path: Path, postgres_db: str) -> None:
     """Two 'hosts' (different lock files, so the file lock does not meet) on one database: the advisory lock does."""
     from monitor.lock import Busy, hold
 
-    url = os.environ["SDLOOP_TEST_POSTGRES_URL"]
+    url = postgres_db
     child = subprocess.Popen([sys.executable, "-c", (
         "import time; from pathlib import Path; from monitor.lock import hold\n"
         f"with hold(Path({str(tmp_path / 'a.lock')!r}), 'retraining', db_url={url!r}):\n"

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -391,43 +390,21 @@ def test_in_a_thread_with_a_stop_event(workspace: Path) -> None:
     assert holder(scheduler_lock_path()) is None
 
 
-def _postgres_url() -> str:
-    url = os.environ.get("SDLOOP_TEST_POSTGRES_URL", "")
-    if not url:
-        pytest.skip("no PostgreSQL for this session: SDLOOP_TEST_POSTGRES_URL is unset (.ci/run starts one)")
-    try:
-        with sa.create_engine(url).connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as e:  # noqa: BLE001 - any failure to connect means: not reachable here
-        pytest.skip(f"PostgreSQL at SDLOOP_TEST_POSTGRES_URL is not reachable: {str(e).splitlines()[0]}")
-    return url
-
-
-def test_postgresql_job_store(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = _postgres_url()
-    name = f"sdloop_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+def test_postgresql_job_store(workspace: Path, monkeypatch: pytest.MonkeyPatch, postgres_db: str) -> None:
+    url = postgres_db
     monkeypatch.setenv("SDLOOP_STORE_URL", url)
+    store = Store(url)
+    stop = threading.Event()
+    t = threading.Thread(target=run_scheduler, args=(MonitorConfig.from_dict(SETTINGS),),
+                         kwargs={"funcs": TICKS, "stop_event": stop, "wake_s": 0.2})
+    t.start()
     try:
-        store = Store(url)
-        stop = threading.Event()
-        t = threading.Thread(target=run_scheduler, args=(MonitorConfig.from_dict(SETTINGS),),
-                             kwargs={"funcs": TICKS, "stop_event": stop, "wake_s": 0.2})
-        t.start()
-        try:
-            _wait_for("a monitor run", _ok(store, "monitor", 1))
-            assert pull_forward_retrain() is not None
-            _wait_for("the pulled-forward retrain run", _ok(store, "retrain", 1))
-        finally:
-            stop.set()
-            t.join(30)
-        assert _job_ids(store) == ["monitor", "retrain"]
-        assert [r["stored"] for r in scheduler_status(MonitorConfig.from_dict(SETTINGS))] == [True, True]
-        store.close()
+        _wait_for("a monitor run", _ok(store, "monitor", 1))
+        assert pull_forward_retrain() is not None
+        _wait_for("the pulled-forward retrain run", _ok(store, "retrain", 1))
     finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        stop.set()
+        t.join(30)
+    assert _job_ids(store) == ["monitor", "retrain"]
+    assert [r["stored"] for r in scheduler_status(MonitorConfig.from_dict(SETTINGS))] == [True, True]
+    store.close()

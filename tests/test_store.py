@@ -6,7 +6,6 @@ variants skip and say why.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,38 +18,13 @@ import sqlalchemy as sa
 from monitor.store import SCHEMA_VERSION, Store, StoreError, UnknownGeneration, open_store
 
 
-def _postgres_url() -> str:
-    url = os.environ.get("SDLOOP_TEST_POSTGRES_URL", "")
-    if not url:
-        pytest.skip("no PostgreSQL for this session: SDLOOP_TEST_POSTGRES_URL is unset (.ci/run starts one)")
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg is not installed, so PostgreSQL cannot be reached")
-    try:
-        with sa.create_engine(url).connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as e:  # noqa: BLE001 - any failure to connect means: not reachable here
-        pytest.skip(f"PostgreSQL at SDLOOP_TEST_POSTGRES_URL is not reachable: {str(e).splitlines()[0]}")
-    return url
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of each backend."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'monitor.db'}"
         return
-    base = _postgres_url()
-    name = f"sdloop_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield request.getfixturevalue("postgres_db")
 
 
 def _gen(store: Store, prompt: str = "a red circle") -> str:
