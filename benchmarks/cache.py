@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from finetune.base import write_tiny_base
-from sdloop.pipelines import base_info, load_components
-    from finetune.config import TrainConfig
-    from finetune.data import scan_dataset
-    from finetune.feed import TrainingFeed
-    from finetune.synth import make_synthetic_dataset
+    from finetune.pretraining.base import write_tiny_base
+    from sdloop.pipelines import base_info, load_components
+    from finetune.training.config import TrainConfig
+    from finetune.data.check import scan_dataset
+    from finetune.training.feed import TrainingFeed
+    from finetune.data.synth import make_synthetic_dataset
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

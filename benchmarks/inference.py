@@ -80,10 +80,10 @@ def load_average() -> float:
 
 def tiny_case(work: Path) -> dict[str, Any]:
     """The tiny base and a short tiny-recipe run on synthetic data; loaders for its pipelines."""
-    from finetune.base import write_tiny_base
-    from finetune.config import TrainConfig, tiny_overrides
-    from finetune.synth import make_synthetic_dataset
-    from finetune.train import train
+    from finetune.pretraining.base import write_tiny_base
+    from finetune.training.config import TrainConfig, tiny_overrides
+    from finetune.data.synth import make_synthetic_dataset
+    from finetune.training.train import train
     from sdloop.runfolder import RunFolder
 
     base, data, run = work / "tiny-base", work / "tiny-data", work / "tiny-run"
@@ -112,7 +112,7 @@ def sd15_case(work: Path) -> dict[str, Any]:
         from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-        from finetune.base import write_tiny_base
+        from finetune.pretraining.base import write_tiny_base
 
         log("building the SD-1.5-architecture pipeline with random weights (about 4 GB)")
         torch.manual_seed(0)

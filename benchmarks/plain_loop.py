@@ -7,7 +7,7 @@ step: VAE-encode the images, run the text encoder on the captions (both under no
 timestep, and take the plain MSE between the UNet's prediction and the noise (epsilon). No caches, no min-SNR
 weighting, no warm-up or decay, no early stopping.
 
-Only the validation uses sdloop code (``finetune.validate.validation_loss_sum``, the fixed-noise evaluator), so both
+Only the validation uses sdloop code (``finetune.training.validate.validation_loss_sum``, the fixed-noise evaluator), so both
 sides are scored by the same number; it is imported at the first evaluation, whose time the benchmark excludes.
 
 Differences from the diffusers script, all neutral or in the plain loop's favour: no Accelerator wrapper (a no-op
@@ -121,10 +121,10 @@ def run_plain(base: str, data: str, train_items: list[dict], val_items: list[dic
     def evaluate(step: int) -> float:
         start = time.time()
         if "feed" not in val_state:  # sdloop's evaluator over the same validation items, computed live
-            from finetune.config import TrainConfig  # (imports timed apart: the benchmark excludes them)
-            from finetune.data import Item
-            from finetune.feed import TrainingFeed
-            from finetune.validate import validation_loss_sum
+            from finetune.training.config import TrainConfig  # (imports timed apart: the benchmark excludes them)
+            from finetune.data.check import Item
+            from finetune.training.feed import TrainingFeed
+            from finetune.training.validate import validation_loss_sum
 
             cfg = TrainConfig(resolution=resolution, batch_size=batch_size, use_cache=False, seed=seed,
                               augment=dict(val_augment or {}))

@@ -50,10 +50,10 @@ def build_champion(root: Path) -> Path:
     """A workspace with a promoted champion: the tiny random base, 8 training steps, exported and published."""
     from export import registry
     from export.build import ExportConfig, build_export
-    from finetune.base import write_tiny_base
-    from finetune.config import TrainConfig, tiny_overrides
-    from finetune.synth import make_synthetic_dataset
-    from finetune.train import train
+    from finetune.pretraining.base import write_tiny_base
+    from finetune.training.config import TrainConfig, tiny_overrides
+    from finetune.data.synth import make_synthetic_dataset
+    from finetune.training.train import train
 
     os.environ["SDLOOP_HOME"] = str(root / "home")
     os.environ.pop("BENTOML_HOME", None)
@@ -75,7 +75,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SDLOOP_HOME": str(home), "BENTOML_HOME": str(home / "bentoml"),
                "SDLOOP_STORE_URL": store_url}
-        args = [sys.executable, "-m", "sdloop.cli", "serve", "--port", str(self.port), "--workers", str(workers),
+        args = [sys.executable, "-m", "sdloop_cli", "serve", "--port", str(self.port), "--workers", str(workers),
                 "--threads", "8"] + (["--torch-threads", str(torch_threads)] if torch_threads else [])
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,

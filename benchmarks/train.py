@@ -6,7 +6,7 @@
 
 The plain loop (``benchmarks/plain_loop.py``) is what the diffusers example train_text_to_image_lora.py does: VAE
 and text encoder every step, plain epsilon MSE, AdamW at a constant learning rate, no early stopping. The sdloop side
-is the real trainer, ``finetune.train.train()`` in a fresh process, with its own recipe (``tiny_overrides()``: latent
+is the real trainer, ``finetune.training.train.train()`` in a fresh process, with its own recipe (``tiny_overrides()``: latent
 and text caches, min-SNR gamma 5, cosine schedule with warm-up, early stopping, sample grids and checkpoints at each
 validation). Both use the same base, data and train/validation split, batch size, resolution, learning rate, LoRA
 targets, rank, alpha, seed and torch thread count; sdloop's max_steps is the plain loop's ``--steps``. Every
@@ -18,7 +18,7 @@ measured run is its own subprocess.
     of each process: ru_maxrss on CPU, torch.cuda.max_memory_allocated on CUDA. The VAE + text-encoder share of a
     plain step is timed inside it; sdloop's step must beat the plain step by at least that share.
 (b) time to quality: wall-clock seconds from the process launch (interpreter start, imports, model loading, dataset
-    scan and cache build for sdloop) until the fixed-noise validation loss (``finetune.validate.validation_loss_sum``
+    scan and cache build for sdloop) until the fixed-noise validation loss (``finetune.training.validate.validation_loss_sum``
     on the same validation items) first reaches the best level the plain loop reaches in its ``--steps`` steps.
     Both evaluate at step 0 and every ``--eval-every`` steps; the evaluations' own time is subtracted from both
     timelines (the first one only up to a typical evaluation's time: the rest is one-time first-forward warm-up a
@@ -96,9 +96,9 @@ def child_sdloop(spec: dict[str, Any], role: str, out_dir: Path) -> dict[str, An
 
     torch.set_num_threads(spec["threads"])
     t_torch = time.time()
-    import finetune.train as ftrain
-    from finetune.config import TrainConfig, tiny_overrides
-    from finetune.overrides import apply_overrides
+    import finetune.training.train as ftrain
+    from finetune.training.config import TrainConfig, tiny_overrides
+    from finetune.training.overrides import apply_overrides
 
     # instrumentation only: the trainer's documented event hook (TrainHooks.event) time-stamps its phases
     events: list = []
@@ -248,10 +248,10 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from finetune.base import write_tiny_base
-    from finetune.config import DataConfig, tiny_overrides
-    from finetune.data import scan_dataset, split_items
-    from finetune.synth import make_synthetic_dataset
+    from finetune.pretraining.base import write_tiny_base
+    from finetune.training.config import DataConfig, tiny_overrides
+    from finetune.data.check import scan_dataset, split_items
+    from finetune.data.synth import make_synthetic_dataset
 
     base = args.base or str(write_tiny_base(workdir / "base"))
     data = args.data or str(make_synthetic_dataset(workdir / "data", n=args.n, seed=0, size=max(64, args.resolution)))

@@ -2,7 +2,7 @@
 
 It copies the shipped drawing base (pretrained on synthetic shapes; the demo never pretrains), draws a dataset in
 which half the shapes have a colour the base never saw ("brown"), fine-tunes a LoRA on it, and measures with the
-pixel checker (finetune/shapecheck.py) how often the base draws the new colour when asked for it, before and after,
+pixel checker (finetune/evaluation/shapecheck.py) how often the base draws the new colour when asked for it, before and after,
 writing the two side by side as a PNG. ``--concept tiny`` (a new size) and ``--concept pink`` are there too; pink
 shows a limit worth knowing: the base's VAE never saw pink and decodes it badly (9% of pink images come back pink,
 against 81% for brown), and a UNet LoRA cannot add what the VAE cannot decode (measured: pink 0% -> 22%).
@@ -50,7 +50,7 @@ class ConceptCheck:
     @property
     def attribute(self) -> str:
         """What the concept changes: the checker attribute its score is read from."""
-        from .synth import CONCEPT_SIZES
+        from finetune.data.synth import CONCEPT_SIZES
 
         return "size" if self.concept in CONCEPT_SIZES else "colour"
 
@@ -67,7 +67,7 @@ class ConceptCheck:
 
 
 def demo_recipe() -> dict[str, Any]:
-    """What the demo changes in the tiny recipe (finetune.config.tiny_overrides) to teach a colour.
+    """What the demo changes in the tiny recipe (finetune.training.config.tiny_overrides) to teach a colour.
 
     - no flips: captions say left and right;
     - the offset noise the drawing base was pretrained with;
@@ -88,7 +88,7 @@ def demo_base() -> tuple[Path, str]:
     """The drawing base in the workspace: reused when it is the shipped one, (re)copied otherwise."""
     from sdloop.workspace import models_dir
 
-    from .base import MARKER, drawing_asset, write_drawing_base
+    from finetune.pretraining.base import MARKER, drawing_asset, write_drawing_base
 
     base = models_dir() / "tiny-drawing"
     shipped = json.loads((drawing_asset() / MARKER).read_text()) if (drawing_asset() / MARKER).is_file() else None
@@ -106,7 +106,7 @@ def demo_data(n: int, concept: str, seed: int = 0) -> tuple[Path, str]:
     """The demo's dataset for (n, concept): reused when its record matches, drawn again when it does not."""
     from sdloop.workspace import datasets_dir
 
-    from .synth import make_synthetic_dataset
+    from finetune.data.synth import make_synthetic_dataset
 
     if n < MIN_IMAGES:
         raise DemoError(f"--n {n} is too few: the demo needs at least {MIN_IMAGES} images (training and "
@@ -145,7 +145,7 @@ def concept_check(base: Path, lora_dir: Optional[Path], concept: str, prompts: i
 
     from sdloop.pipelines import load_pipeline, quiet_diffusers
 
-    from .shapecheck import caption_scores, eval_captions, pipeline_images
+    from finetune.evaluation.shapecheck import caption_scores, eval_captions, pipeline_images
 
     with quiet_diffusers():
         pipe = load_pipeline(str(base), torch_dtype=torch.float32)
@@ -163,8 +163,8 @@ def before_after_grid(base: Path, lora_dir: Path, concept: str, path: Path, step
 
     from sdloop.pipelines import load_pipeline, quiet_diffusers
 
-    from .shapecheck import eval_captions, pipeline_images
-    from .visuals import image_grid
+    from finetune.evaluation.shapecheck import eval_captions, pipeline_images
+    from finetune.training.visuals import image_grid
 
     captions = eval_captions(GRID_ROWS, CHECK_CAPTIONS_SEED, concept=concept)
     seeds = list(range(GRID_SEEDS))

@@ -125,7 +125,7 @@ def _check_settings(cfg: MonitorConfig, champion_run: Path) -> None:
     """Build the challenger's training and export settings now, so a typo in train_overrides or export_settings is
     one line before anything runs, not a failure hours in."""
     from export.build import ExportConfig
-    from finetune.config import TrainConfig
+    from finetune.training.config import TrainConfig
 
     probe = _Ctx(cfg, None, "check", None, champion_run, champion_run, False, print)  # type: ignore[arg-type]
     TrainConfig.from_dict(_train_values(probe, champion_run, champion_run / "settings-check"))
@@ -219,8 +219,8 @@ def _train_values(c: _Ctx, data_dir: Path, output: Path) -> dict[str, Any]:
 
 def _train(c: _Ctx, data_dir: Path) -> tuple[Path, tuple[Optional[float], Optional[float], bool]]:
     """Train the challenger. Returns its run folder and (champion loss, challenger loss, measured on one split)."""
-    from finetune.config import TrainConfig
-    from finetune.train import train
+    from finetune.training.config import TrainConfig
+    from finetune.training.train import train
     from sdloop.runfolder import RunFolder
     from sdloop.workspace import runs_dir
 
@@ -252,7 +252,7 @@ def _champion_config(champion_run: Path) -> dict[str, Any]:
 def _prompts(c: _Ctx, data_dir: Path) -> list[str]:
     """The fixed prompt set: ``gate_prompts``, else the champion's validation captions, else the first captions of
     the retraining data (a champion trained without a validation split)."""
-    from finetune.eval_inputs import default_prompts
+    from finetune.evaluation.inputs import default_prompts
     from sdloop.runfolder import RunFolder
 
     if c.cfg.gate_prompts:
@@ -266,7 +266,7 @@ def _prompts(c: _Ctx, data_dir: Path) -> list[str]:
 
 
 def _compare(c: _Ctx, run_dir: Path, data_dir: Path) -> Any:
-    from finetune.evaluate import compare_runs
+    from finetune.evaluation.evaluate import compare_runs
 
     prompts = _prompts(c, data_dir)
     c.say(f"[3/6] compare: champion against challenger, {c.cfg.gate_images} images each on {len(prompts)} fixed "

@@ -5,7 +5,7 @@ validation: the trainer splits the new folder again, without leakage) goes in wi
 users rated at or above ``keep_rating`` (mean over clients) or voted thumbs up join them, their prompt as caption, best
 first and at most ``max_new_images``; a generation anyone rated at or below ``drop_rating`` or voted thumbs down
 stays out (a conflicting vote keeps it out: the data must not teach what someone disliked), and so do middling and
-unrated ones. The result goes through the dataset stage's own check (``finetune.data.scan_dataset``: broken files,
+unrated ones. The result goes through the dataset stage's own check (``finetune.data.check.scan_dataset``: broken files,
 empty captions, exact and near duplicates), and whatever the check rejects is removed, so the folder holds exactly
 what will train.
 
@@ -34,9 +34,9 @@ from typing import Any, Optional
 import sqlalchemy as sa
 from tqdm import tqdm
 
-from finetune.config import DataConfig, TrainConfig
-from finetune.data import DataReport, DatasetError, format_summary, scan_dataset
-from finetune.data_files import display, inside
+from finetune.training.config import DataConfig, TrainConfig
+from finetune.data.check import DataReport, DatasetError, format_summary, scan_dataset
+from finetune.data.files import display, inside
 from monitor.config import MonitorConfig
 from monitor.store import Store, _utc, feedback, generations
 from sdloop.atomic import check_writable_dir, current_umask

@@ -1,5 +1,5 @@
 """sdloop: the shared layer every stage imports (workspace, atomic IO, run folders, errors, seeding, descriptors)
-and the command line (``sdloop.cli``), the only module that imports the stages."""
+and the command line (``sdloop_cli.main``), the only module that imports the stages."""
 
 import logging as _logging
 

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from sdloop.configfile import ConfigError  # noqa: F401 - re-exported: stages import it from finetune.config
+from sdloop.configfile import ConfigError  # noqa: F401 - re-exported: stages import it from finetune.training.config
 from sdloop.seeding import MAX_SEED  # noqa: F401 - torch and numpy take 64-bit seeds; ours are 63-bit
 
 

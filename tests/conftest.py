@@ -54,7 +54,7 @@ def _workspace_env_restored() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x pipeline folder in diffusers format (random weights, seed 0)."""
-    from finetune.base import write_tiny_base
+    from finetune.pretraining.base import write_tiny_base
 
     return write_tiny_base(tmp_path_factory.mktemp("base") / "tiny")
 
@@ -62,7 +62,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 24-image captioned synthetic dataset (imagefolder + metadata.jsonl), seed 0. Treat it as read-only."""
-    from finetune.synth import make_synthetic_dataset
+    from finetune.data.synth import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", n=24, seed=0)
 
@@ -83,8 +83,8 @@ def tiny_run(tiny_base: Path, synth_data: Path, tmp_path_factory: pytest.TempPat
 
     Read-only: copy it (shutil.copytree) in a test that changes it. Read it through sdloop.runfolder.RunFolder.
     """
-    from finetune.config import TrainConfig, tiny_overrides
-    from finetune.train import train
+    from finetune.training.config import TrainConfig, tiny_overrides
+    from finetune.training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny-run"
     cfg = TrainConfig.from_dict({**tiny_overrides(), "base": str(tiny_base), "data": str(synth_data),
@@ -100,7 +100,7 @@ def tiny_run(tiny_base: Path, synth_data: Path, tmp_path_factory: pytest.TempPat
 def drawing_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped drawing base (the tiny SD-1.x pipeline pretrained on synthetic shapes), copied once per session.
     Use it where images must mean something; treat it as read-only."""
-    from finetune.base import write_drawing_base
+    from finetune.pretraining.base import write_drawing_base
 
     return write_drawing_base(tmp_path_factory.mktemp("drawing") / "tiny-drawing")
 

@@ -1,4 +1,4 @@
-"""Buckets, seeded image/caption augmentation, balanced weights and epoch batching (finetune.augment)."""
+"""Buckets, seeded image/caption augmentation, balanced weights and epoch batching (finetune.data.augment)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from finetune.augment import (assign_bucket, augment_image, balanced_weights, bucket_sizes, caption_variant,
+from finetune.data.augment import (assign_bucket, augment_image, balanced_weights, bucket_sizes, caption_variant,
                               epoch_batches, image_to_tensor, item_buckets)
-from finetune.config import AugmentConfig
+from finetune.training.config import AugmentConfig
 
 
 def _scene(w: int = 96, h: int = 64, seed: int = 0) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Latent and text caches (finetune.cache) and the trainer's feed (finetune.feed): reuse, rebuilds, atomicity,
+"""Latent and text caches (finetune.training.cache) and the trainer's feed (finetune.training.feed): reuse, rebuilds, atomicity,
 and cached batches equal to live ones."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from finetune.base import write_tiny_base
+from finetune.pretraining.base import write_tiny_base
 from sdloop.pipelines import base_info, load_components
-from finetune.cache import CacheStats, read_tensors
-from finetune.config import TrainConfig
-from finetune.feed import TrainingFeed
+from finetune.training.cache import CacheStats, read_tensors
+from finetune.training.config import TrainConfig
+from finetune.training.feed import TrainingFeed
 
 # (width, height, caption): three aspect ratios so bucketing makes three buckets at resolution 32, step 8
 SPECS = [
@@ -43,7 +43,7 @@ def _draw(w: int, h: int, seed: int) -> Image.Image:
 
 
 def _item(root: Path, rel: str, img: Image.Image, caption: str):
-    from finetune.data import Item
+    from finetune.data.check import Item
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -306,7 +306,7 @@ def test_balanced_sampling_in_feed(dataset, comps, tmp_path: Path) -> None:
 @pytest.mark.parametrize("budget_mb, reads_after_first_epoch", [(64, 0), (0, None)])
 def test_cache_tensors_stay_in_ram_within_the_budget(budget_mb, reads_after_first_epoch, dataset, comps,
                                                      cache_copy: Path, monkeypatch) -> None:
-    import finetune.feed as feed_mod
+    import finetune.training.feed as feed_mod
 
     feed = _feed(dataset, comps, cache_copy, _cfg(cache_memory_mb=budget_mb))
     feed.prepare()

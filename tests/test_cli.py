@@ -10,7 +10,7 @@ import pytest
 from sdloop.runfolder import RunFolder
 from PIL import Image
 
-from sdloop.cli import main
+from sdloop_cli.main import main
 
 SUBCOMMANDS = [[], ["base"], ["base", "tiny"], ["base", "pretrain"], ["data"], ["data", "check"], ["data", "synth"],
                ["train"], ["tune"], ["eval"], ["review"], ["export"], ["models"], ["models", "list"], ["serve"],
@@ -116,7 +116,7 @@ def test_help_config_lists_every_key(capsys) -> None:
 def test_config_file_and_flags_precedence(tmp_path: Path) -> None:
     import argparse
 
-    from sdloop.cli import build_train_config
+    from sdloop_cli.main import build_train_config
 
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text("learning_rate: 0.0002\nrank: 8\naugment:\n  flip_p: 0.25\n")

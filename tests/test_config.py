@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import AugmentConfig, ConfigError, DataConfig, SearchSpace, TrainConfig, load_config_file
-from finetune.overrides import apply_overrides
-from sdloop.cli import main
+from finetune.training.config import AugmentConfig, ConfigError, DataConfig, SearchSpace, TrainConfig, load_config_file
+from finetune.training.overrides import apply_overrides
+from sdloop_cli.main import main
 
 SECTIONS = {"data_config": (DataConfig, "data."), "augment": (AugmentConfig, "augment.")}
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from finetune.config import DataConfig
-from finetune.data import (REASONS, DataReport, DatasetError, Item, dataset_fingerprint, format_summary, hamming,
+from finetune.training.config import DataConfig
+from finetune.data.check import (REASONS, DataReport, DatasetError, Item, dataset_fingerprint, format_summary, hamming,
                            load_image, phash_array, scan_dataset, split_items)
-from finetune.data_stats import compute_stats
+from finetune.data.stats import compute_stats
 
 CFG = DataConfig(min_side=64)
 

@@ -1,5 +1,5 @@
 """Hostile input to the dataset stage, made for real: FIFOs, symlinks leading out, non-UTF-8 names, NUL bytes,
-unwritable places and the user's own files. Through ``sdloop.cli.main`` as a user types the commands: a mistake is
+unwritable places and the user's own files. Through ``sdloop_cli.main.main`` as a user types the commands: a mistake is
 one line on stderr and exit code 2, never a traceback, never a hang, and nothing of the user's changes.
 """
 
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.config import DataConfig
-from finetune.data import DataReport, DatasetError, Item, explain_empty_validation, load_image, scan_dataset, \
+from finetune.training.config import DataConfig
+from finetune.data.check import DataReport, DatasetError, Item, explain_empty_validation, load_image, scan_dataset, \
     split_items
-from finetune.data_files import MAX_CAPTION_BYTES
-from sdloop.cli import main
+from finetune.data.files import MAX_CAPTION_BYTES
+from sdloop_cli.main import main
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -1,4 +1,4 @@
-"""Evaluation (finetune.evaluate, finetune.metrics): FID/KID that behave, the real Inception offline, intervals,
+"""Evaluation (finetune.evaluation.evaluate, finetune.evaluation.metrics): FID/KID that behave, the real Inception offline, intervals,
 eval.json + report.html, honest "not computed", image reuse, and --compare picking the better run."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from sdloop.inception import InceptionError
 import torch
 from PIL import Image
 
-from finetune import metrics
-from finetune.evaluate import compare_runs, evaluate_run
+from finetune.evaluation import metrics
+from finetune.evaluation.evaluate import compare_runs, evaluate_run
 from sdloop.atomic import load_safetensors, save_safetensors
-from sdloop.cli import main
+from sdloop_cli.main import main
 
 N = 4            # images per model in the run evaluations: 2 validation prompts x 2 seeds
 STEPS = 2

@@ -19,7 +19,7 @@ from export import onnx as ox
 from export.build import MARKER, ExportConfig, build_export
 from export.errors import ExportError, ParityError, TargetUnavailableError
 from export.fuse import FUSE_TOLERANCE, fuse_and_check, generate, lora_layers
-from sdloop.cli import main
+from sdloop_cli.main import main
 from sdloop.runfolder import RunFolder
 
 CASES = [("a red circle on a blue background", 0), ("a green square", 1)]
@@ -45,8 +45,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def te_run(tiny_base: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run that trains the text encoder too (and the UNet's convolutions, as the tiny recipe does)."""
-    from finetune.config import TrainConfig, tiny_overrides
-    from finetune.train import train
+    from finetune.training.config import TrainConfig, tiny_overrides
+    from finetune.training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "te"
     values = {**tiny_overrides(), "base": str(tiny_base), "data": str(synth_data), "output": str(out),

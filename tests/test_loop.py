@@ -36,8 +36,8 @@ SETTINGS = {
 @pytest.fixture(scope="module")
 def loop_home(drawing_base: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A workspace whose champion is a short fine-tune of the drawing base, with the test's monitor settings."""
-    from finetune.config import TrainConfig, tiny_overrides
-    from finetune.train import train
+    from finetune.training.config import TrainConfig, tiny_overrides
+    from finetune.training.train import train
 
     home = tmp_path_factory.mktemp("loop") / "home"
     env = {"SDLOOP_HOME": str(home), "BENTOML_HOME": str(home / "bentoml"),
@@ -62,8 +62,8 @@ def loop_home(drawing_base: Path, synth_data: Path, tmp_path_factory: pytest.Tem
 
 @pytest.fixture(scope="module")
 def server(loop_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """`sdloop serve` with one worker on a free port, as the demo starts it (sdloop.cli_demo_loop.served)."""
-    from sdloop.cli_demo_loop import served
+    """`sdloop serve` with one worker on a free port, as the demo starts it (sdloop_cli.demo_loop.served)."""
+    from sdloop_cli.demo_loop import served
 
     log = tmp_path_factory.mktemp("loop-log") / "server.log"
     with served(log) as url:
@@ -98,7 +98,7 @@ def _steps_of_running(store_url: str) -> list[str]:
 
 
 def test_the_loop(server: dict, loop_home: Path, capsys: pytest.CaptureFixture) -> None:
-    from sdloop.cli import main
+    from sdloop_cli.main import main
 
     url, first = server["url"], _champion()
     # 1. clients generate and rate: most images disliked, two loved
@@ -125,7 +125,7 @@ def test_the_loop(server: dict, loop_home: Path, capsys: pytest.CaptureFixture) 
 
     # 3. a retraining killed mid-way: the champion keeps serving, an overlapping one is refused meanwhile
     store_url = os.environ["SDLOOP_STORE_URL"]
-    proc = subprocess.Popen([sys.executable, "-m", "sdloop.cli", "retrain", "--quiet"], cwd=ROOT, env=dict(os.environ),
+    proc = subprocess.Popen([sys.executable, "-m", "sdloop_cli", "retrain", "--quiet"], cwd=ROOT, env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: proc.poll() is not None or "train" in _steps_of_running(store_url), timeout=300, every=0.2)

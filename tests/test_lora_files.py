@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import TrainConfig, tiny_overrides
-from finetune.lora import add_lora, lora_state_dict, read_safetensors, save_diffusers_lora, save_kohya_lora, to_kohya
-from finetune.train import train
+from finetune.training.config import TrainConfig, tiny_overrides
+from finetune.training.lora import add_lora, lora_state_dict, read_safetensors, save_diffusers_lora, save_kohya_lora, to_kohya
+from finetune.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_diffusers_load_lora_weights_changes_output_and_reproduces_training(te_r
     add_lora(ref.unet, cfg.rank, cfg.alpha, 0.0, cfg.target_modules)
     add_lora(ref.text_encoder, cfg.rank, cfg.alpha, 0.0, cfg.text_encoder_target_modules)
     best, _ = read_safetensors(te_run.run_dir / "checkpoints" / "best_lora.safetensors")
-    from finetune.lora import load_lora_state_dict, split_prefixed
+    from finetune.training.lora import load_lora_state_dict, split_prefixed
 
     unet_sd, te_sd = split_prefixed(best)
     load_lora_state_dict(ref.unet, unet_sd)

@@ -14,11 +14,11 @@ import pytest
 from sdloop.runfolder import RunFolder
 import torch
 
-from finetune.base import drawing_asset
+from finetune.pretraining.base import drawing_asset
 from finetune.demo import one_thread
-from finetune.pretrain import PretrainConfig, pretrain
-from finetune.shapecheck import caption_scores, chance_levels, eval_captions, pipeline_images
-from sdloop.cli import main
+from finetune.pretraining.pretrain import PretrainConfig, pretrain
+from finetune.evaluation.shapecheck import caption_scores, chance_levels, eval_captions, pipeline_images
+from sdloop_cli.main import main
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:

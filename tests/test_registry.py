@@ -18,7 +18,7 @@ import pytest
 from export import registry as reg
 from export.build import ExportConfig, build_export
 from export.errors import RegistryError
-from sdloop.cli import main
+from sdloop_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

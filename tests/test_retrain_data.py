@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from finetune.config import TrainConfig
-from finetune.data import scan_dataset, split_items
-from finetune.synth import draw_samples
+from finetune.training.config import TrainConfig
+from finetune.data.check import scan_dataset, split_items
+from finetune.data.synth import draw_samples
 from monitor.config import MonitorConfig
 from monitor.retrain_data import REPORT_NAME, RetrainDataError, build_retrain_data
 from monitor.store import Store

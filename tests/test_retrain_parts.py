@@ -150,7 +150,7 @@ def test_an_existing_version_2_store_migrates_keeping_its_rows(tmp_path: Path) -
     (["scheduler", "start", "--set", "retrain_cron=every sunday"], "retrain_cron"),
 ])
 def test_mistakes_are_one_line(workspace: Path, capsys: pytest.CaptureFixture, argv: list[str], words: str) -> None:
-    from sdloop.cli import main
+    from sdloop_cli.main import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -158,7 +158,7 @@ def test_mistakes_are_one_line(workspace: Path, capsys: pytest.CaptureFixture, a
 
 
 def test_check_on_an_empty_workspace_says_not_enough_data(workspace: Path, capsys: pytest.CaptureFixture) -> None:
-    from sdloop.cli import main
+    from sdloop_cli.main import main
 
     assert main(["monitor", "check", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -219,7 +219,7 @@ def test_a_mapping_setting_changes_one_key_and_keeps_the_files_others(workspace:
 ])
 def test_more_mistakes_are_one_line(workspace: Path, capsys: pytest.CaptureFixture, argv: list[str],
                                     words: str) -> None:
-    from sdloop.cli import main
+    from sdloop_cli.main import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Blind human review (finetune.review): the page round trip in headless Chromium, concurrent reviewers, votes that
+"""Blind human review (finetune.evaluation.review): the page round trip in headless Chromium, concurrent reviewers, votes that
 survive a killed server, the summary's statistics, and user mistakes as one line."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import review
-from finetune.metrics import sign_test, wilson
+from finetune.evaluation import review
+from finetune.evaluation.metrics import sign_test, wilson
 from sdloop.atomic import load_safetensors, save_safetensors
-from sdloop.cli import main
+from sdloop_cli.main import main
 
 PAIRS = 4
 
@@ -162,7 +162,7 @@ def test_a_vote_survives_a_killed_server(runs: tuple[Path, Path], review_dir: Pa
     """The front door (`sdloop review RUN_A RUN_B`) in its own process, killed with SIGKILL after one vote."""
     folder = _fresh(review_dir, tmp_path)
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sdloop.cli", "review", str(runs[0]), str(runs[1]), "--dir",
+    proc = subprocess.Popen([sys.executable, "-m", "sdloop_cli", "review", str(runs[0]), str(runs[1]), "--dir",
                              str(folder), "--n", str(PAIRS), "--steps", "2", "--port", "0", "--quiet"],
                             stdout=subprocess.PIPE, text=True, cwd=root,
                             env={**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"})

@@ -164,7 +164,7 @@ def test_restart_after_kill_keeps_one_of_each_job_and_coalesces_missed_runs(work
 
     # a second scheduler on the same workspace, as a user starts it: refused in one line, the first one unharmed
     env = {**os.environ, "SDLOOP_HOME": str(workspace)}
-    b = subprocess.Popen([sys.executable, "-m", "sdloop.cli", "scheduler", "start"], cwd=ROOT, env=env,
+    b = subprocess.Popen([sys.executable, "-m", "sdloop_cli", "scheduler", "start"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs.append(b)
     _, err = b.communicate(timeout=60)
@@ -359,7 +359,7 @@ def test_status_and_pull_forward_without_any_scheduler(workspace: Path) -> None:
 
 
 def test_status_through_the_command_line(workspace: Path, capsys: pytest.CaptureFixture) -> None:
-    from sdloop.cli import main
+    from sdloop_cli.main import main
 
     assert main(["scheduler", "status"]) == 0
     out = capsys.readouterr().out

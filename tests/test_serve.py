@@ -265,7 +265,7 @@ def test_pytorch_backend_is_the_configured_fallback(champ: Champion, monkeypatch
                                          (["--port", "70000"], "--port 70000 is out of range"),
                                          (["--threads", "0"], "--threads 0 is out of range")])
 def test_sdloop_serve_refuses_bad_flags_in_one_line(flags: list, says: str, capsys: pytest.CaptureFixture) -> None:
-    from sdloop.cli import main
+    from sdloop_cli.main import main
 
     assert main(["serve", *flags]) == 2
     err = capsys.readouterr().err

@@ -76,7 +76,7 @@ def server(champ: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env = {**os.environ, **champ.env(), "SDLOOP_STORE_URL": store_url, "SDLOOP_POLL_S": "0.5",
            "SDLOOP_ADMIN_TOKEN": TOKEN, "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sdloop.cli", "serve", "--port", str(port), "--workers", "2",
+        proc = subprocess.Popen([sys.executable, "-m", "sdloop_cli", "serve", "--port", str(port), "--workers", "2",
                                  "--threads", "4", "--torch-threads", "1"], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from finetune.shapecheck import (ATTRIBUTES, caption_scores, chance_levels, eval_captions, parse_caption,
+from finetune.evaluation.shapecheck import (ATTRIBUTES, caption_scores, chance_levels, eval_captions, parse_caption,
                                  read_attributes)
-from finetune.synth import CONCEPTS, draw_samples, make_synthetic_dataset
-from sdloop.cli import main
+from finetune.data.synth import CONCEPTS, draw_samples, make_synthetic_dataset
+from sdloop_cli.main import main
 
 
 def _pairs_from_folder(folder: Path) -> list[tuple[Image.Image, str]]:

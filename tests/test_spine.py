@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.config import TrainConfig, tiny_overrides
-from finetune.train import StopReason, TrainingError, train
+from finetune.training.config import TrainConfig, tiny_overrides
+from finetune.training.train import StopReason, TrainingError, train
 from sdloop.atomic import save_safetensors, write_text_atomic
-from sdloop.cli import main
+from sdloop_cli.main import main
 from sdloop.runfolder import Manifest, RunFolder, RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +34,23 @@ def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--set", "sample_every=4", *extra]
 
 
+def _imports(path: Path) -> list[str]:
+    out: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        out += [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+    return out
+
+
 def test_only_the_cli_imports_the_stages() -> None:
+    """The layers: sdloop/ (shared) imports no stage; no stage and no shared module imports the command line."""
     stages = {"finetune", "export", "bento", "monitor"}
     for path in (ROOT / "sdloop").glob("*.py"):
-        if path.name.startswith("cli"):  # the command line: cli.py and its command modules cli_*.py
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(n.split(".")[0] in stages for n in names), f"{path.name} imports a stage: {names}"
+        names = _imports(path)
+        assert not any(n.split(".")[0] in stages | {"sdloop_cli"} for n in names), f"{path.name} imports {names}"
+    for pkg in stages:
+        for path in (ROOT / pkg).rglob("*.py"):
+            assert not any(n.split(".")[0] == "sdloop_cli" for n in _imports(path)), f"{path} imports the CLI"
 
 
 def test_run_folder_resolves_from_another_directory_and_after_a_move(tiny_run: Path, tiny_base: Path,
@@ -204,3 +212,9 @@ def test_group_without_an_action_exits_2(capsys) -> None:
 def test_train_result_names_its_stop_reason(tiny_run: Path) -> None:
     with pytest.raises(TrainingError, match="--resume"):
         train(TrainConfig.from_yaml(RunFolder(tiny_run).config), progress=False)
+
+
+def test_benchmarks_compile() -> None:
+    """CI runs pytest only: a benchmark that no longer compiles would go unnoticed until someone needs its figures."""
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        compile(path.read_text(encoding="utf-8"), str(path), "exec")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.data import DatasetError, scan_dataset
-from finetune.synth import make_synthetic_dataset
+from finetune.data.check import DatasetError, scan_dataset
+from finetune.data.synth import make_synthetic_dataset
 
 
 def _digest(folder: Path) -> dict[str, str]:

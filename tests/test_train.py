@@ -14,9 +14,9 @@ import pytest
 from sdloop.runfolder import RunFolder
 import torch
 
-from finetune.config import ConfigError, TrainConfig, tiny_overrides
-from finetune.step import diffusion_loss
-from finetune.train import TrainingError, train
+from finetune.training.config import ConfigError, TrainConfig, tiny_overrides
+from finetune.training.step import diffusion_loss
+from finetune.training.train import TrainingError, train
 
 
 def _cfg(base: Path, data: Path, out: Path, **kw) -> TrainConfig:
@@ -63,7 +63,7 @@ def test_loss_goes_down_and_run_folder_is_complete(run) -> None:
 
 
 def test_best_checkpoint_is_the_result(run) -> None:
-    from finetune.lora import read_safetensors
+    from finetune.training.lora import read_safetensors
 
     rows = _val_rows(run.run_dir)
     best = min((r for r in rows if r["step"] > 0), key=lambda r: r["val_loss"])
@@ -78,9 +78,9 @@ def test_best_checkpoint_is_the_result(run) -> None:
 def test_validation_loss_is_identical_when_evaluated_twice_and_batch_independent(tiny_base, synth_data,
                                                                                    workspace) -> None:
     from sdloop.pipelines import base_info, load_components
-    from finetune.data import scan_dataset, split_items
-    from finetune.feed import TrainingFeed
-    from finetune.validate import validation_loss_sum
+    from finetune.data.check import scan_dataset, split_items
+    from finetune.training.feed import TrainingFeed
+    from finetune.training.validate import validation_loss_sum
 
     cfg = _cfg(tiny_base, synth_data, workspace / "unused")
     report = scan_dataset(synth_data, cfg.data_config, progress=False)
@@ -182,7 +182,7 @@ def test_existing_run_is_not_overwritten_without_resume(run) -> None:
 
 
 def _train_cmd(base: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "sdloop.cli", "train", "--quiet", "--base", str(base), "--data", str(data),
+    return [sys.executable, "-m", "sdloop_cli", "train", "--quiet", "--base", str(base), "--data", str(data),
             "--output", str(out), "--max-steps", "24", "--validation-every", "4", "--resolution", "64",
             "--batch-size", "4", "--rank", "4", "--alpha", "4", "--learning-rate", "5e-3",
             "--early-stopping-patience", "0", "--set", "sample_steps=1", "--set", "sample_seeds=[0]",
@@ -192,7 +192,7 @@ def _train_cmd(base: Path, data: Path, out: Path) -> list[str]:
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_base, synth_data, tmp_path) -> None:
-    from finetune.lora import read_safetensors
+    from finetune.training.lora import read_safetensors
 
     env = {**os.environ, "SDLOOP_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -206,7 +206,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_base, synth_data,
     proc.wait()
     assert (killed / "checkpoints" / "step_000008").is_dir()
     assert not (killed / "manifest.json").exists(), "killed before the end"
-    resumed = subprocess.run([sys.executable, "-m", "sdloop.cli", "train", "--quiet", "--output", str(killed),
+    resumed = subprocess.run([sys.executable, "-m", "sdloop_cli", "train", "--quiet", "--output", str(killed),
                               "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout + resumed.stderr
@@ -228,7 +228,7 @@ def test_v_prediction_base_trains_on_the_velocity(run, tiny_base: Path, synth_da
 
     from diffusers import DDPMScheduler
 
-    from finetune.validate import training_target
+    from finetune.training.validate import training_target
 
     base = tmp_path / "vbase"
     shutil.copytree(tiny_base, base)
@@ -251,7 +251,7 @@ def test_gpu_out_of_memory_names_the_settings_to_lower(tiny_base: Path, synth_da
                                                        monkeypatch, capsys) -> None:
     from diffusers import UNet2DConditionModel
 
-    from sdloop.cli import main
+    from sdloop_cli.main import main
 
     def forward(self, *args, **kwargs):  # what a too-large batch does on a GPU (none here)
         if self.training:
@@ -282,7 +282,7 @@ def test_data_parallel_run_agrees_with_one_process(run, tiny_base: Path, synth_d
     out = tmp_path / "ddp"
     env = {**os.environ, "SDLOOP_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "sdloop.cli", "train", "--quiet", "--base", str(tiny_base), "--data", str(synth_data),
+           "-m", "sdloop_cli", "train", "--quiet", "--base", str(tiny_base), "--data", str(synth_data),
            "--output", str(out), "--max-steps", "12", "--validation-every", "2", "--resolution", "64",
            "--batch-size", "2", "--early-stopping-patience", "1", "--set", "early_stopping_min_delta=10",
            "--set", "augment.bucket_step=8", "--set", "sample_steps=1", "--set", "sample_seeds=[0]"]

@@ -21,9 +21,9 @@ import pytest
 
 from sdloop.runfolder import RunFolder
 
-from finetune.config import SearchSpace, TrainConfig, tiny_overrides
-from finetune.tune import TuneError, parse_space, tune
-from sdloop.cli import main
+from finetune.training.config import SearchSpace, TrainConfig, tiny_overrides
+from finetune.training.tune import TuneError, parse_space, tune
+from sdloop_cli.main import main
 
 SPACE = SearchSpace(learning_rate=[1e-3, 1e-2], rank=[2, 4], lora_dropout=[0.0, 0.2], weight_decay=[1e-4, 1e-2],
                     batch_size=[2, 4])
@@ -155,7 +155,7 @@ def test_a_killed_trial_is_marked_failed_and_resumed_in_its_folder(tiny_base: Pa
                                                                   tmp_path: Path, workspace: Path) -> None:
     out = tmp_path / "tune"
     env = {**os.environ, "SDLOOP_HOME": str(workspace), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "sdloop.cli", *_cli(tiny_base, synth_data, out, "--trials", "1", "--space",
+    cmd = [sys.executable, "-m", "sdloop_cli", *_cli(tiny_base, synth_data, out, "--trials", "1", "--space",
                                                        SPACE_JSON)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "trials" / "sdloop" / "trial_000" / "checkpoints" / "step_000002" / "state.json"

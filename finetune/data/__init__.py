@@ -1,0 +1,1 @@
+"""The dataset stage: find, check, de-duplicate, split, augment and draw (synthetic) datasets."""

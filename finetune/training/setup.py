@@ -1,0 +1,162 @@
+"""The trainer's set-up phases, each a function: open the run folder, set up the data, set up the model.
+
+Each phase checks what it can before anything is written, so a bad base, a bad value or an unwritable cache fails
+in seconds with one line, and leaves nothing that makes the folder look like a run in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from sdloop import workspace
+from sdloop.atomic import check_writable_dir
+from sdloop.runfolder import RunFolder, portable_location
+
+from finetune.training.config import TrainConfig
+
+
+class SetupError(Exception):
+    """Raised by a phase with a user-facing message (the trainer re-raises it as a TrainingError)."""
+
+
+Event = Callable[[str, float, float, Any], None]
+
+
+@contextlib.contextmanager
+def timed(event: Optional[Event], kind: str) -> Any:
+    """Report (kind, start, end, None) to a benchmark's event hook around a block; nothing without a hook."""
+    start = time.time()
+    yield
+    if event is not None:
+        event(kind, start, time.time(), None)
+
+
+@dataclass
+class Context:
+    """Where the run executes: the accelerator, its device, this process's rank and the process count."""
+
+    accelerator: Any
+    device: torch.device
+    rank: int
+    world: int
+    main: bool
+
+
+def start_accelerator(cfg: TrainConfig) -> Context:
+    from accelerate import Accelerator
+
+    # cpu=True on a machine without CUDA lets `torchrun`/`accelerate launch` run data-parallel on CPU (gloo)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                      gradient_accumulation_steps=cfg.gradient_accumulation)
+    if cfg.mixed_precision != "no" and acc.device.type == "cpu":
+        raise SetupError(f"mixed_precision={cfg.mixed_precision} needs a GPU; use mixed_precision=no on CPU.")
+    return Context(acc, acc.device, acc.process_index, acc.num_processes, acc.is_main_process)
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with local base, data and output as absolute paths, so config.yaml works from any directory."""
+    base, _ = portable_location(cfg.base, Path(cfg.output or "."))
+    data = str(Path(cfg.data).expanduser().resolve()) if cfg.data else cfg.data
+    output = str(Path(cfg.output).expanduser().resolve()) if cfg.output else cfg.output
+    return dataclasses.replace(cfg, base=base if cfg.base else cfg.base, data=data, output=output)
+
+
+# -- phase 1: the run folder ------------------------------------------------------------------------------------------
+
+def open_run_folder(cfg: TrainConfig, resume: bool, main: bool) -> RunFolder:
+    """The run folder, checked: new, empty, or a run sdloop made (and, when it has progress, only with --resume).
+
+    sdloop never writes into a folder that holds files it did not make: a folder with ``metrics.jsonl`` or
+    ``lora/`` of the user's own would otherwise be overwritten.
+    """
+    run = RunFolder(cfg.output)
+    out = run.path
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"{out} is a file; --output takes a folder.")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not run.is_ours():
+        raise SetupError(f"{out} holds files sdloop did not make; choose a new or empty --output folder.")
+    if resume:
+        if not run.config.is_file():
+            raise SetupError(f"{out} holds no run to resume; start it without --resume.")
+        old = TrainConfig.from_yaml(run.config).to_dict()
+        new = cfg.to_dict()
+        free = ("max_steps", "epochs", "early_stopping_patience", "output", "gradient_checkpointing",
+                "keep_checkpoints", "sample_every", "num_workers", "base", "data")  # no effect on the maths
+        changed = [k for k in old if k not in free and old[k] != new.get(k)]
+        if changed:
+            raise SetupError(f"cannot resume {out} with a different config ({', '.join(changed)} changed); "
+                             "resume with the run's own config.yaml, or start a new --output.")
+    elif non_empty and run.has_progress():
+        raise SetupError(f"{out} already holds a run. Pass --resume to continue it, or choose another --output.")
+    if main:
+        check_writable_dir(out, "the run folder")
+        if not run.marker.is_file():
+            import finetune
+
+            run.write_marker({"sdloop_version": finetune.__version__,
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return run
+
+
+# -- phase 2: the data --------------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    """The checked dataset, its split, and the feeds over the caches."""
+
+    report: Any
+    train_items: list
+    val_items: list
+    fingerprint: str
+    train_feed: Any = None
+    val_feed: Any = None
+
+
+def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, event: Optional[Event]) -> Data:
+    """Check and split the dataset; on --resume, refuse a dataset that changed since the run started."""
+    from finetune.data.check import DataReport, DatasetError, explain_empty_validation, scan_dataset, split_items
+
+    with timed(event, "scan_dataset"):
+        try:
+            report = scan_dataset(cfg.data, cfg.data_config, progress=progress)
+        except DatasetError as e:
+            raise SetupError(str(e)) from None
+    if not report.items:
+        raise SetupError(f"no usable images in {cfg.data}; run `sdloop data check {cfg.data}` to see why.")
+    if resume and run.data_report.is_file():
+        try:
+            before = DataReport.load(run.data_report).fingerprint
+        except DatasetError:  # a damaged record cannot vouch for the data; the checkpoints still can resume
+            before = ""
+        if before and before != report.fingerprint:
+            raise SetupError(
+                f"the dataset {cfg.data} changed since {run.path} started (fingerprint {before[:12]} -> "
+                f"{report.fingerprint[:12]}); resuming would compare validation losses across different "
+                "validation sets. Restore the data, or train a new run with another --output.")
+    train_items, val_items = split_items(report.items, cfg.data_config)
+    if not val_items and cfg.data_config.validation_split > 0:
+        raise SetupError(explain_empty_validation(report.items, cfg.data_config))
+    return Data(report, train_items, val_items, report.fingerprint)
+
+
+def build_feeds(cfg: TrainConfig, data: Data, components: dict, fingerprint: str, ctx: Context, progress: bool,
+                event: Optional[Event]) -> None:
+    """The training and validation feeds over the latent and text caches (built once, by the main process first)."""
+    from finetune.training.feed import TrainingFeed
+
+    cache_root = workspace.cache_dir()
+    data.train_feed = TrainingFeed(data.train_items, Path(cfg.data), cfg, components, fingerprint, cache_root,
+                                   ctx.device, train=True, progress=progress)
+    data.val_feed = TrainingFeed(data.val_items, Path(cfg.data), cfg, components, fingerprint, cache_root,
+                                 ctx.device, train=False, progress=progress)
+    with ctx.accelerator.main_process_first(), timed(event, "cache_build"):
+        data.train_feed.prepare()
+        data.val_feed.prepare()

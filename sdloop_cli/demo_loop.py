@@ -1,0 +1,167 @@
+"""The second half of `sdloop demo`: one full turn of the monitoring and retraining loop, with simulated users.
+
+A real `sdloop serve` (one worker) serves the champion on 127.0.0.1. Two waves of simulated users call it over HTTP:
+yesterday's ask for the colours the base always knew, today's for the new concept. Each user rates what they got
+with the pixel checker's eyes (finetune/evaluation/shapecheck.py): the colour they asked for drawn is a 4 (a 5 and a thumbs up
+if the size is right too), anything else a 1 with a thumbs down. The monitor then compares today against yesterday
+(the frozen reference window: the champion's first generations), the policy decides, and a retraining trains a
+challenger on the champion's data plus the well-rated images, compares, exports, gates, and promotes or rejects it;
+the running service picks up a promotion by itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from sdloop.errors import UserError
+
+WAVE = 16          # generations per wave of simulated users
+STEPS = 20         # denoising steps of the served images
+
+
+def demo_monitor_settings(steps: int = 40) -> dict[str, Any]:
+    """The demo's monitor settings: windows and counts that fit two waves of 16 generations, and a short
+    continuation of the champion (the demo recipe's rate and batch, 40 steps)."""
+    return {"min_generations": WAVE, "min_feedback": 8, "min_new_feedback": 8, "current_hours": 1,
+            "train_overrides": {"max_steps": steps, "sample_every": steps}, "gate_images": 16, "gate_steps": 20,
+            "latency_budget_s": 60.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(url: str, body: Optional[dict[str, Any]] = None, timeout: float = 120) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, None
+
+
+@contextmanager
+def served(log: Path) -> Iterator[str]:
+    """`sdloop serve` on a free local port for the block; its output goes to ``log``."""
+    port = _free_port()
+    env = {**os.environ, "SDLOOP_POLL_S": "1", "BENTOML_DO_NOT_TRACK": "true"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sdloop_cli", "serve", "--port", str(port), "--workers", "1",
+                                 "--threads", "4"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while _call(url + "/readyz", timeout=5)[0] != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise UserError(f"the demo's server did not start; its log is {log}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def simulated_rating(image: Any, prompt: str) -> tuple[int, Optional[str]]:
+    """What a user who asked for ``prompt`` thinks of ``image``: (rating, thumbs)."""
+    from finetune.evaluation.shapecheck import parse_caption, read_attributes
+
+    asked, read = parse_caption(prompt), read_attributes(image)
+    if read.get("colour") != asked.get("colour"):
+        return 1, "down"
+    return (5, "up") if read.get("size") == asked.get("size") else (4, None)
+
+
+def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
+    """One wave of users: generate each prompt over HTTP, rate it, post the feedback. Returns the ratings."""
+    from PIL import Image
+
+    ratings = []
+    for i, prompt in enumerate(prompts):
+        code, body = _call(url + "/txt2img_json", {"prompt": prompt, "seed": seed + i, "steps": STEPS,
+                                                   "width": 64, "height": 64, "guidance_scale": 5.0})
+        if code != 200:
+            raise UserError(f"the demo's server answered {code} to txt2img: {str(body)[:200]}")
+        img = body["images"][0]
+        rating, thumbs = simulated_rating(Image.open(io.BytesIO(base64.b64decode(img["image_png_base64"]))), prompt)
+        fb = {"generation_id": img["generation_id"], "rating": rating, "client_id": f"{client}-{i}"}
+        if thumbs:
+            fb["thumbs"] = thumbs
+        code, body = _call(url + "/feedback", fb)
+        if code != 200:
+            raise UserError(f"the demo's server answered {code} to feedback: {str(body)[:200]}")
+        ratings.append(rating)
+    return ratings
+
+
+def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0) -> None:
+    """Serve, simulate two waves of users, check, retrain (``steps``: the challenger's, default 40); print each step
+    (numbered from ``first``)."""
+    import datetime as dt
+
+    from finetune.evaluation.shapecheck import eval_captions
+    from monitor.check import run_check
+    from monitor.config import MonitorConfig
+    from monitor.retrain import retrain
+    from sdloop.champion import current_champion_tag
+    from sdloop.workspace import monitor_dir
+
+    cfg = MonitorConfig.from_dict({**demo_monitor_settings(steps or 40),
+                                   "gate_prompts": eval_captions(8, 1, concept=concept)})
+    log = monitor_dir() / "demo-server.log"
+    print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})")
+    with served(log) as url:
+        champion = current_champion_tag()
+        print(f"      {url} serves {champion}")
+        yesterday = wave(url, eval_captions(WAVE, 7), seed=100, client="yesterday")
+        today_started = dt.datetime.now(dt.timezone.utc)
+        today = wave(url, eval_captions(WAVE, 8, concept=concept), seed=200, client="today")
+        print(f"[{first + 1}/{total}] users: {WAVE} generations with the usual colours (mean rating "
+              f"{sum(yesterday) / WAVE:.1f}), then {WAVE} asking for {concept!r} (mean rating "
+              f"{sum(today) / WAVE:.1f}); the pixel checker plays the users")
+        check = run_check(cfg, since=today_started)
+        print(f"[{first + 2}/{total}] monitor: today against the reference window frozen at the promotion")
+        for line in check.lines():
+            print(f"      {line}")
+        print(f"      evidently ui --workspace {monitor_dir() / 'evidently'}   (the report history)")
+        note = "" if check.decision.retrain else " (the policy did not ask for it; the demo runs the turn anyway)"
+        print(f"[{first + 3}/{total}] retrain: the champion's data plus the well-rated generations{note}")
+        outcome = retrain(cfg, trigger="demo", progress=not quiet, say=lambda s: print(f"      {s}"))
+        for line in outcome.lines():
+            print(f"      {line}")
+        if outcome.promoted:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                code, body = _call(url + "/txt2img_json", {"prompt": eval_captions(1, 9, concept=concept)[0],
+                                                           "steps": 2, "width": 64, "height": 64})
+                if code == 200 and body["model_version"] == outcome.challenger:
+                    print(f"      the running service now serves {outcome.challenger}")
+                    break
+                time.sleep(1)
+    print("      sdloop retrain history   (every step of every retraining)")

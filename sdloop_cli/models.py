@@ -1,0 +1,225 @@
+"""`sdloop export`, `sdloop models` and `sdloop serve`: ONNX exports, model versions, the service.
+
+Part of the command line (``sdloop_cli.main`` assembles the parser): it parses and calls the stage; the stage's
+``UserError`` becomes one line in ``sdloop_cli.main.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdloop.errors import UserError
+
+
+def _export_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """ExportConfig values from the flags, then --set KEY=VALUE (values read as YAML: numbers, lists, strings)."""
+    import yaml
+
+    from export.errors import ExportError
+
+    values: dict[str, Any] = {}
+    for key in ("target", "precision", "threads", "steps", "size"):
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    if args.prompt:
+        values["prompts"] = list(args.prompt)
+    if args.external_data_mb is not None:
+        values["external_data_mb"] = args.external_data_mb
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ExportError(f"--set {item!r} is not KEY=VALUE, e.g. --set int8_images=16.")
+        try:
+            values[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ExportError(f"--set {item!r}: the value is not valid YAML.") from None
+    return values
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Fuse a run's LoRA, export it with optimum, optimise it for a target, prove parity; print the summary."""
+    from export.build import ExportConfig, build_export
+
+    cfg = ExportConfig.from_dict(_export_settings(args))
+    result = build_export(Path(args.run_dir), Path(args.output) if args.output else None, cfg,
+                          progress=not args.quiet)
+    print(result.summary)
+    print(f"export:   {result.export_dir}")
+    print(f"manifest: {result.export_dir / 'manifest.json'}")
+    print(f"publish:  sdloop models publish {result.export_dir}")
+    return 0
+
+
+def cmd_models_help(args: argparse.Namespace) -> int:
+    args.models_parser.print_help(sys.stderr)
+    return 2
+
+
+def cmd_models_publish(args: argparse.Namespace) -> int:
+    from export.registry import publish
+
+    tag, created = publish(Path(args.export_dir), name=args.name)
+    print(f"{'published' if created else 'already published as'} {tag}")
+    print(f"promote it: sdloop models promote {tag}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from export.registry import list_versions
+
+    versions = list_versions(args.name)
+    if args.json:
+        print(json.dumps([{"tag": v.tag, "stage": v.stage, "created": v.created, "labels": v.labels,
+                           "key_metrics": v.key_metrics()} for v in versions], indent=2))
+        return 0
+    if not versions:
+        print(f"no versions of model {args.name!r} yet; publish one with `sdloop models publish EXPORT_DIR`.")
+        return 0
+    print(f"{'TAG':32s} {'STAGE':9s} {'SOURCE RUN':24s} {'TARGET':14s} {'PUBLISHED (UTC)':19s}  KEY METRICS")
+    for v in versions:
+        target = f"{v.labels.get('target', '?')}/{v.labels.get('precision', '?')}"
+        print(f"{v.tag:32s} {v.stage:9s} {v.labels.get('source_run', '?')[:24]:24s} {target:14s} {v.created:19s}  "
+              f"{v.key_metrics()}")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from export.registry import history, show
+
+    v = show(args.tag, args.name)
+    events = [e for e in history(args.name) if v.tag in (e.get("tag"), e.get("previous"))]
+    print(json.dumps({"tag": v.tag, "stage": v.stage, "created": v.created, "path": str(v.path),
+                      "labels": v.labels, "metadata": v.metadata, "champion_history": events}, indent=2))
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from export.registry import promote
+
+    e = promote(args.tag, args.reason or "", args.name)
+    print(f"champion: {e['tag']} (was {e['previous'] or 'none'}); reason: {e['reason']}")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from export.registry import rollback
+
+    e = rollback(args.reason or "", args.name)
+    print(f"champion: {e['tag']} (rolled back from {e['previous']}); reason: {e['reason']}")
+    return 0
+
+
+def cmd_models_prune(args: argparse.Namespace) -> int:
+    from export.registry import prune
+
+    gone = prune(args.keep, args.name)
+    print(f"deleted {len(gone)} version(s){': ' + ', '.join(gone) if gone else ''}; the champion and the previous "
+          "one are always kept")
+    return 0
+
+
+def cmd_models_history(args: argparse.Namespace) -> int:
+    from export.registry import history
+
+    events = history(args.name)
+    if not events:
+        print(f"model {args.name!r} has had no champion yet.")
+    for e in events:
+        print(f"{e['when']}  {e['action']:8s} {e['tag']}  (was {e.get('previous') or 'none'})  {e['reason']}  "
+              f"[{e.get('user', '?')}]")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the champion with `bentoml serve` from the repo root, on the workspace's model store and monitoring store.
+    The process becomes the BentoML server (exec), so its PID is the server's and Ctrl-C or SIGTERM stops it."""
+    from sdloop.workspace import home, use_bentoml_home
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bentofile.yaml").is_file() or not (root / "bento" / "service.py").is_file():
+        raise UserError(f"{root} is not an sdloop source tree (no bentofile.yaml); serve a built Bento with "
+                        "`bentoml serve sdloop:latest` instead.")
+    for flag, value, low in (("--workers", args.workers, 0), ("--threads", args.threads, 1),
+                             ("--torch-threads", args.torch_threads, 0), ("--port", args.port, 1)):
+        if value < low or (flag == "--port" and value > 65535):
+            raise UserError(f"{flag} {value} is out of range: use an integer >= {low}"
+                            f"{' and <= 65535' if flag == '--port' else ''}.")
+    os.environ["SDLOOP_HOME"] = str(home())
+    use_bentoml_home()
+    os.environ.update({"SDLOOP_WORKERS": str(args.workers or os.cpu_count() or 1), "SDLOOP_THREADS": str(args.threads),
+                       "SDLOOP_BACKEND": args.backend})
+    if args.torch_threads:
+        os.environ["SDLOOP_TORCH_THREADS"] = str(args.torch_threads)
+    argv = [sys.executable, "-m", "bentoml", "serve", "bento.service:SDService", "--host", args.host,
+            "--port", str(args.port), "--working-dir", str(root)]
+    print(f"serving the champion of {os.environ['BENTOML_HOME']} on http://{args.host}:{args.port} "
+          f"({os.environ['SDLOOP_WORKERS']} worker(s), {args.backend}); store: "
+          f"{os.environ.get('SDLOOP_STORE_URL') or home() / 'monitor.db'}", flush=True)
+    os.chdir(root)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
+    """Add this module's commands to the top-level subparsers."""
+    p = sub.add_parser("export", help="fuse a run's LoRA, export ONNX with optimum, optimise for onnxruntime, "
+                       "check parity with PyTorch")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (sdloop train --output)")
+    p.add_argument("--output", help="export folder to write (default $SDLOOP_HOME/exports/<run>-<target>-<precision>)")
+    p.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default=None,
+                   help="onnxruntime execution provider to optimise for (default cpu)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="cpu: fp32 (default) or int8; cuda/tensorrt: fp16 (default) or fp32")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime/torch threads (default: all cores)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of the parity images (default 20)")
+    p.add_argument("--size", type=int, default=None, help="parity image side in pixels (default: the run's)")
+    p.add_argument("--prompt", action="append", help="a parity prompt (repeatable; default: three built in)")
+    p.add_argument("--external-data-mb", dest="external_data_mb", type=float, default=None,
+                   help="graphs whose weights reach this size use ONNX external data (default 1024)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any export setting, e.g. --set int8_images=16 --set keep=all (see export/build.py)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+    p_models = sub.add_parser("models", help="model versions in the BentoML store: publish, list, show, promote, "
+                              "rollback, prune, history")
+    p_models.set_defaults(func=cmd_models_help, models_parser=p_models)
+    models_sub = p_models.add_subparsers(dest="models_command", metavar="ACTION")
+    for action, func, text in (
+            ("publish", cmd_models_publish, "save an export folder as a new version (labels/metadata: its manifest)"),
+            ("list", cmd_models_list, "every version with its stage, source run, key metrics and date"),
+            ("show", cmd_models_show, "one version's labels, metadata, folder and champion history"),
+            ("promote", cmd_models_promote, "make a version the champion (the service serves it)"),
+            ("rollback", cmd_models_rollback, "make the previous champion the champion again"),
+            ("prune", cmd_models_prune, "delete old versions, never the champion or the previous one"),
+            ("history", cmd_models_history, "when which version was champion, and why")):
+        p = models_sub.add_parser(action, help=text)
+        if action == "publish":
+            p.add_argument("export_dir", metavar="EXPORT_DIR", help="a folder made by sdloop export")
+        if action in ("show", "promote"):
+            p.add_argument("tag", metavar="TAG", help="NAME:VERSION or VERSION, as `sdloop models list` shows")
+        if action in ("promote", "rollback"):
+            p.add_argument("--reason", help="why (kept in the history)")
+        if action == "prune":
+            p.add_argument("--keep", type=int, required=True, help="newest versions to keep (plus the champion "
+                           "and the previous one)")
+        if action == "list":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--name", default="sdloop", help="model name in the store (default sdloop)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("serve", help="serve the champion over HTTP with BentoML (txt2img, feedback, /metrics)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 to expose)")
+    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one pipeline each (default: cores)")
+    p.add_argument("--threads", type=int, default=8, help="request threads per worker (default 8)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch/onnxruntime threads per worker (default: cores / workers)")
+    p.add_argument("--backend", choices=("onnx", "pytorch"), default="onnx",
+                   help="onnx: the exported onnxruntime pipeline; pytorch: the source run's pipeline (fallback)")
+    p.set_defaults(func=cmd_serve)
