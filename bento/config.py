@@ -1,0 +1,229 @@
+"""The service's settings: one typed dataclass that reads the environment once, checks every value and names it.
+
+Why: the service used to read ``os.environ`` in four modules, each with its own fallback, so ``SDLOOP_DEADLINE_S=abc``
+crashed every worker at import and BentoML restarted them in a loop, and ``SDLOOP_POLL_S=-1`` made the poller spin.
+Now ``ServeConfig.from_env()`` is the one reader: each value is converted by its declared type, checked by the shared
+type check (``sdloop.config_types``) and then by its range in ``__post_init__``; a bad one is one ``ConfigError``
+naming the variable and what it accepts. ``sdloop serve`` builds it (and opens the store) before it becomes the
+BentoML server, so a mistake is one line and exit 2 at start, never a worker restart loop.
+
+The admin token is kept (the service compares requests against it) but never printed: ``public()`` says only whether
+it is set, and the store URL is shown with its password masked (``sdloop.masking``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from sdloop.config_types import build_dataclass, check_types, help_field
+from sdloop.configfile import ConfigError
+from sdloop.errors import UserError
+from sdloop.masking import mask_text, mask_url
+
+BACKENDS = ("onnx", "pytorch")
+OFF = ("off", "none", "0")
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _f(default: Any, env: str, help: str) -> Any:
+    """A setting read from the environment variable ``env``."""
+    return help_field(default, help, env=env)
+
+
+@dataclass(repr=False)
+class ServeConfig:
+    """Everything the service can be told; each field names the environment variable it comes from."""
+
+    deadline_s: float = _f(120.0, "SDLOOP_DEADLINE_S", "Default deadline of a request in seconds (its timeout_s), "
+                                                       "in (0, 3600]; past it the generation stops and the answer "
+                                                       "is 504.")
+    poll_s: float = _f(5.0, "SDLOOP_POLL_S", "How often (s) a worker checks the champion pointer, in (0, 3600].")
+    max_side: int = _f(1024, "SDLOOP_MAX_SIDE", "Largest width or height a request may ask for, in [8, 16384]; the "
+                                                "model's own limits (its manifest) apply too.")
+    max_steps: int = _f(200, "SDLOOP_MAX_STEPS", "Most denoising steps a request may ask for, in [1, 10000].")
+    max_images: int = _f(4, "SDLOOP_MAX_IMAGES", "Most images one request may ask for, in [1, 64].")
+    workers: int = _f(0, "SDLOOP_WORKERS", "Worker processes, one pipeline each, in [0, 1024]; 0: one per core.")
+    threads: int = _f(8, "SDLOOP_THREADS", "Request threads per worker, in [1, 1024].")
+    torch_threads: int = _f(0, "SDLOOP_TORCH_THREADS", "onnxruntime intra-op (and torch) threads per worker, in "
+                                                       "[0, 1024]; 0: the export's own (its manifest's runtime) for "
+                                                       "onnx, cores / workers for pytorch.")
+    backend: str = _f("onnx", "SDLOOP_BACKEND", f"What runs a version, one of {BACKENDS}: onnx (the export, run as "
+                                                "its manifest says) or pytorch (its source run, the fallback).")
+    model_tag: str = _f("", "SDLOOP_MODEL_TAG", "Version served when there is no champion pointer (a Bento's "
+                                                "sdloop:latest); empty: none.")
+    image_dir: str = _f("", "SDLOOP_IMAGE_DIR", "Where generated PNGs are kept (empty: the workspace's "
+                                                "generations/; off: nowhere).")
+    store_url: str = _f("", "SDLOOP_STORE_URL", "The monitoring store's SQLAlchemy URL (empty: the workspace's "
+                                                "sqlite file); printed with its password masked.")
+    admin_token: str = _f("", "SDLOOP_ADMIN_TOKEN", "Bearer token of POST /admin/reload (empty: disabled); never "
+                                                    "printed.")
+    pack_champion: bool = _f(True, "SDLOOP_PACK_CHAMPION", "`bentoml build` puts the current champion into the "
+                                                           "Bento (false: none).")
+
+    def __post_init__(self) -> None:
+        check_types(self, "")
+        self._range("deadline_s", 0 < self.deadline_s <= 3600, "a number of seconds in (0, 3600]")
+        self._range("poll_s", 0 < self.poll_s <= 3600, "a number of seconds in (0, 3600]")
+        self._range("max_side", 8 <= self.max_side <= 16384, "an integer in [8, 16384]")
+        self._range("max_steps", 1 <= self.max_steps <= 10000, "an integer in [1, 10000]")
+        self._range("max_images", 1 <= self.max_images <= 64, "an integer in [1, 64]")
+        self._range("workers", 0 <= self.workers <= 1024, "an integer in [0, 1024] (0: one per core)")
+        self._range("threads", 1 <= self.threads <= 1024, "an integer in [1, 1024]")
+        self._range("torch_threads", 0 <= self.torch_threads <= 1024, "an integer in [0, 1024] (0: the export's)")
+        self._range("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}")
+        self._range("model_tag", ":" in self.model_tag or not self.model_tag, "NAME:VERSION, e.g. sdloop:latest")
+        if self.workers == 0:
+            self.workers = _cores()
+
+    def _range(self, name: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            env = _env_name(name)
+            value = mask_url(getattr(self, name)) if name == "store_url" else getattr(self, name)
+            raise ConfigError(f"{env}={value!r} is invalid: {allowed}.")
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "ServeConfig":
+        """The settings of this process's environment (unset or empty variables keep their defaults)."""
+        environ = os.environ if environ is None else environ
+        types = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            text = environ.get(f.metadata["env"], "")
+            if text.strip():
+                values[f.name] = _parse(f.metadata["env"], text, types[f.name])
+        return build_dataclass(cls, values, prefix="")
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_token)
+
+    @property
+    def generations_dir(self) -> Optional[Path]:
+        """The folder generated PNGs go to, or None when keeping them is off."""
+        from sdloop.workspace import home
+
+        if self.image_dir.strip().lower() in OFF:
+            return None
+        return Path(self.image_dir).expanduser().resolve() if self.image_dir else home() / "generations"
+
+    def resolved_store_url(self) -> str:
+        from sdloop.workspace import home
+
+        return self.store_url or f"sqlite:///{home() / 'monitor.db'}"
+
+    def public(self) -> dict[str, Any]:
+        """The settings as they may be shown (/info, logs): the store URL masked, the admin token only as set/unset."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["store_url"] = mask_url(self.resolved_store_url())
+        out["admin_token"] = "set" if self.admin_token else "unset"
+        return out
+
+    def __repr__(self) -> str:
+        return f"ServeConfig({', '.join(f'{k}={v!r}' for k, v in self.public().items())})"
+
+
+def _env_name(field: str) -> str:
+    return {f.name: f.metadata["env"] for f in dataclasses.fields(ServeConfig)}[field]
+
+
+def _parse(env: str, text: str, tp: Any) -> Any:
+    """One environment value converted by its declared type; a value that is not one is named with what it takes."""
+    text = text.strip()
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if tp is int:
+            return int(text)
+        if tp is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a finite number"}[tp]
+        raise ConfigError(f"{env}={text!r} is invalid: expected {kind}. {_help(env)}") from None
+    return text
+
+
+def _help(env: str) -> str:
+    for f in dataclasses.fields(ServeConfig):
+        if f.metadata["env"] == env:
+            return f.metadata["help"]
+    return ""
+
+
+def check_store(cfg: ServeConfig, timeout_s: float = 20.0) -> str:
+    """Open (and migrate) the monitoring store the workers will use; return its URL masked for printing.
+
+    Raises ConfigError (one line, password masked) for a URL that is not a database URL, a database that does not
+    answer within ``timeout_s`` or refuses the connection: the workers would otherwise fail on their first request.
+    """
+    url = cfg.resolved_store_url()
+    outcome: dict[str, Any] = {}
+
+    def attempt() -> None:
+        from monitor.store import Store
+
+        try:
+            store = Store(url)
+            store.engine.dispose()
+            outcome["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any failure to open it is the user's to fix: say it in one line
+            outcome["error"] = e
+
+    worker = threading.Thread(target=attempt, name="sdloop-store-check", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise ConfigError(f"SDLOOP_STORE_URL={mask_url(url)}: the database did not answer within {timeout_s:.0f} s; "
+                          "check the host, port and network.")
+    if "error" in outcome:
+        e = outcome["error"]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not isinstance(e, UserError):  # the store's own errors already say what to fix
+            first = (f"the monitoring store {url} cannot be opened ({type(e).__name__}: {first}); fix "
+                     "SDLOOP_STORE_URL or unset it for the workspace's sqlite file.")
+        raise ConfigError(mask_text(first, url))
+    return mask_url(url)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line, an address BentoML could not listen on (a port in use, a host that is not ours), by
+    binding it for a moment before the server starts: otherwise each worker fails on its own, with a traceback."""
+    import errno
+    import socket
+
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host} cannot be resolved ({e.strerror}); use an address such as 127.0.0.1 or "
+                          "0.0.0.0.") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use (another server?); stop it or choose "
+                                  "another with --port.") from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --host or --port.") \
+                from None
