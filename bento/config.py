@@ -183,8 +183,7 @@ def check_store(cfg: ServeConfig, timeout_s: float = 20.0) -> str:
         from monitor.store import Store
 
         try:
-            store = Store(url)
-            store.engine.dispose()
+            Store(url).close()
             outcome["ok"] = True
         except Exception as e:  # noqa: BLE001 - any failure to open it is the user's to fix: say it in one line
             outcome["error"] = e

@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import sqlalchemy as sa
-
 from monitor.config import MonitorConfig
 from monitor.policy import Decision, Evidence, decide
 from monitor.retrain_log import RetrainLog
-from monitor.store import Store, feedback, open_store
+from monitor.store import Store, open_store
 
 
 @dataclass
@@ -39,11 +37,7 @@ class CheckResult:
 
 def new_feedback_since(store: Store, since: Optional[dt.datetime]) -> int:
     """Feedback rows written (or changed) since ``since`` (all of them when None)."""
-    q = sa.select(sa.func.count()).select_from(feedback)
-    if since is not None:
-        q = q.where(feedback.c.updated >= since)
-    with store.engine.begin() as conn:
-        return int(conn.execute(q).scalar())
+    return store.count_feedback(since)
 
 
 def evidence(report: Any, store: Store, now: dt.datetime) -> Evidence:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
 
 from sdloop.descriptors import DESCRIPTOR_NAMES
 
@@ -78,23 +77,8 @@ def vocabulary(prompts: list[str]) -> Counter:
 
 
 def _feedback_by_generation(store: "Store", window: "Window") -> pd.DataFrame:
-    from monitor.store import feedback, generations
-
-    q = (sa.select(feedback.c.generation_id, feedback.c.rating, feedback.c.thumbs)
-         .join(generations, generations.c.id == feedback.c.generation_id)
-         .where(generations.c.created >= window.since, generations.c.created < window.until))
-    with store.engine.begin() as conn:
-        rows = conn.execute(q).all()
-    return pd.DataFrame(rows, columns=["generation_id", "rating", "thumbs"])
-
-
-def _failures(store: "Store", window: "Window") -> int:
-    from monitor.store import failures
-
-    q = sa.select(sa.func.count()).select_from(failures).where(failures.c.created >= window.since,
-                                                               failures.c.created < window.until)
-    with store.engine.begin() as conn:
-        return int(conn.execute(q).scalar())
+    return pd.DataFrame(store.feedback_votes(window.since, window.until),
+                        columns=["generation_id", "rating", "thumbs"])
 
 
 def window_data(store: "Store", window: "Window", vocab: Optional[Counter] = None) -> WindowData:
@@ -131,8 +115,8 @@ def window_data(store: "Store", window: "Window", vocab: Optional[Counter] = Non
     for c in NUMERIC_COLUMNS:
         frame[c] = frame[c].astype(float)
     requests = round(sum(1 / _images_asked(r["params"]) for r in rows))
-    return WindowData(frame=frame, generations=len(frame), feedback=len(fb),
-                      rated=int(frame["rating"].notna().sum()), failures=_failures(store, window), requests=requests)
+    return WindowData(frame=frame, generations=len(frame), feedback=len(fb), rated=int(frame["rating"].notna().sum()),
+                      failures=store.count_failures(window.since, window.until), requests=requests)
 
 
 def _images_asked(params: Any) -> int:

@@ -14,7 +14,6 @@ import logging
 import threading
 from typing import Any, Optional
 
-import sqlalchemy as sa
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.base import MaxInstancesReachedError
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from apscheduler.triggers.base import BaseTrigger
 
 from monitor.config import MonitorConfig
 from monitor.lock import Busy
-from monitor.store import Store, _utc, job_runs
+from monitor.store import Store
 from sdloop.errors import one_line
 
 log = logging.getLogger("sdloop.scheduler")
@@ -111,7 +110,7 @@ class RecordingExecutor(ThreadPoolExecutor):
         self.rows_lock = threading.Lock()
 
     def submit_job(self, job: Any, run_times: list[dt.datetime]) -> None:
-        recorded = _recorded_times(self.store, job.id)
+        recorded = self.store.job_run_scheduled_times(job.id)
         fresh = [t for t in run_times if _iso(t) not in recorded]
         if not fresh:
             log.warning("job %s: the run scheduled at %s is already recorded; not running it again", job.id,
@@ -123,11 +122,11 @@ class RecordingExecutor(ThreadPoolExecutor):
             super().submit_job(job, fresh)
         except MaxInstancesReachedError:
             for row_id in ids:
-                _finish_row(self.store, row_id, "skipped", {"reason": "the previous run of this job is still going"})
+                self.store.finish_job_run(row_id, "skipped", {"reason": "the previous run of this job is still going"})
             raise
         except BaseException as e:
             for row_id in ids:
-                _finish_row(self.store, row_id, "skipped", {"reason": f"not started: {one_line(e)}"})
+                self.store.finish_job_run(row_id, "skipped", {"reason": f"not started: {one_line(e)}"})
             raise
 
     def _start_row(self, job: Any, when: dt.datetime, previous: Optional[str]) -> int:
@@ -135,12 +134,10 @@ class RecordingExecutor(ThreadPoolExecutor):
         missed = _missed_since(job.trigger, previous, when)
         if missed:
             summary["coalesced"] = missed + 1
-        with self.store.engine.begin() as conn:
-            row_id = conn.execute(job_runs.insert().values(job_id=job.id, started=_now(), status="running",
-                                                           summary=summary)).inserted_primary_key[0]
+        row_id = self.store.start_job_run(job.id, summary)
         with self.rows_lock:
-            self.rows[(job.id, when.timestamp())] = int(row_id)
-        return int(row_id)
+            self.rows[(job.id, when.timestamp())] = row_id
+        return row_id
 
     def finished(self, event: JobExecutionEvent) -> None:
         """Listener: the job ran (ok / failed / skipped) or was missed beyond the grace time."""
@@ -150,18 +147,18 @@ class RecordingExecutor(ThreadPoolExecutor):
             return
         if event.code == EVENT_JOB_MISSED:
             late = (_now() - event.scheduled_run_time).total_seconds()
-            _finish_row(self.store, row_id, "skipped", {"reason": f"missed by {late:.0f} s, more than the grace time "
-                                                                  "(misfire_grace_s)"})
+            self.store.finish_job_run(row_id, "skipped", {"reason": f"missed by {late:.0f} s, more than the grace "
+                                                                   "time (misfire_grace_s)"})
         elif event.code == EVENT_JOB_ERROR:
             exc = event.exception
             status = "skipped" if isinstance(exc, (Busy, JobSkipped)) else "failed"
             extra = dict(exc.summary) if isinstance(exc, (JobFailed, JobSkipped)) else {}
-            _finish_row(self.store, row_id, status, {**_jsonable(extra), "error": one_line(exc),
-                                                     "type": type(exc).__name__})
+            self.store.finish_job_run(row_id, status, {**_jsonable(extra), "error": one_line(exc),
+                                                       "type": type(exc).__name__})
             if status == "failed":
                 log.error("job %s failed: %s", event.job_id, one_line(exc))
         else:
-            _finish_row(self.store, row_id, "ok", _jsonable(event.retval))
+            self.store.finish_job_run(row_id, "ok", _jsonable(event.retval))
 
 
 def _jsonable(value: Any) -> dict[str, Any]:
@@ -188,38 +185,11 @@ def _missed_since(trigger: BaseTrigger, previous: Optional[str], when: dt.dateti
     return count
 
 
-def _recorded_times(store: Store, job_id: str, limit: int = 50) -> set[str]:
-    q = (sa.select(job_runs.c.summary).where(job_runs.c.job_id == job_id)
-         .order_by(job_runs.c.id.desc()).limit(limit))
-    with store.engine.begin() as conn:
-        return {s.get("scheduled") for (s,) in conn.execute(q) if isinstance(s, dict) and s.get("scheduled")}
-
-
-def _finish_row(store: Store, row_id: int, status: str, extra: dict[str, Any]) -> None:
-    with store.engine.begin() as conn:
-        summary = conn.execute(sa.select(job_runs.c.summary).where(job_runs.c.id == row_id)).scalar() or {}
-        conn.execute(job_runs.update().where(job_runs.c.id == row_id)
-                     .values(finished=_now(), status=status, summary={**summary, **extra}))
-
-
 def close_interrupted(store: Store) -> int:
     """Rows a killed scheduler left ``running``: failed, interrupted. Only called while holding the scheduler lock."""
-    n = 0
-    with store.engine.begin() as conn:
-        for row_id, summary in conn.execute(sa.select(job_runs.c.id, job_runs.c.summary)
-                                            .where(job_runs.c.status == "running")).all():
-            conn.execute(job_runs.update().where(job_runs.c.id == row_id).values(
-                finished=_now(), status="failed",
-                summary={**(summary or {}), "error": "interrupted: the scheduler stopped during this run"}))
-            n += 1
-    return n
+    return store.close_running_job_runs("interrupted: the scheduler stopped during this run")
 
 
 def last_runs(store: Store, job_id: str, limit: int = 10) -> list[dict[str, Any]]:
     """The newest ``job_runs`` rows of a job, newest first (started/finished as aware UTC datetimes)."""
-    q = sa.select(job_runs).where(job_runs.c.job_id == job_id).order_by(job_runs.c.id.desc()).limit(limit)
-    with store.engine.begin() as conn:
-        rows = [dict(r) for r in conn.execute(q).mappings()]
-    for r in rows:
-        r["started"], r["finished"] = _utc(r["started"]), _utc(r["finished"])
-    return rows
+    return store.last_job_runs(job_id, limit)

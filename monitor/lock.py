@@ -34,27 +34,15 @@ def _holder(path: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def _database_lock(url: Optional[str], what: str) -> Iterator[None]:
     """On PostgreSQL, also a session advisory lock named after ``what``: processes on other hosts that share the
-    database (and so the job store and the retraining log) are excluded too. Nothing to do on sqlite: one host."""
-    if not url or not url.startswith("postgresql"):
+    database (and so the retraining log) are excluded too. Nothing to do on sqlite: one host."""
+    from monitor.store import advisory_lock
+
+    def busy(host: str) -> Busy:
+        return Busy(f"another {what} is running on a host that shares this database ({host}); run one per database, "
+                    "or wait for it to finish.")
+
+    with advisory_lock(url or "", f"sdloop:{what}", busy):
         yield
-        return
-    import zlib
-
-    import sqlalchemy as sa
-
-    key = zlib.crc32(f"sdloop:{what}".encode())
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
-                raise Busy(f"another {what} is running on a host that shares this database ({engine.url.host}); "
-                           "run one per database, or wait for it to finish.")
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    finally:
-        engine.dispose()
 
 
 @contextlib.contextmanager

@@ -31,14 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import sqlalchemy as sa
 from tqdm import tqdm
 
 from finetune.training.config import DataConfig, TrainConfig
 from finetune.data.check import DataReport, DatasetError, format_summary, scan_dataset
 from finetune.data.files import display, inside
 from monitor.config import MonitorConfig
-from monitor.store import Store, _utc, feedback, generations
+from monitor.store import Store
 from sdloop.atomic import check_writable_dir, current_umask
 from sdloop.errors import UserError
 from sdloop.runfolder import RunFolder
@@ -131,25 +130,7 @@ def _champion_items(run: RunFolder, dataset: Path, data_cfg: DataConfig) -> list
 
 def _rated_generations(store: Store, since: Optional[dt.datetime]) -> tuple[list[dict[str, Any]], int]:
     """(generations with a rating or a thumb: mean rating, mean thumbs, votes; number without any) since ``since``."""
-    votes = sa.func.count(feedback.c.rating) + sa.func.count(feedback.c.thumbs)
-    q = (sa.select(generations.c.id, generations.c.created, generations.c.prompt, generations.c.image_path,
-                   sa.func.avg(feedback.c.rating).label("rating"), sa.func.count(feedback.c.rating).label("ratings"),
-                   sa.func.avg(feedback.c.thumbs).label("thumbs"), sa.func.count(feedback.c.thumbs).label("thumbs_n"))
-         .select_from(generations.join(feedback, feedback.c.generation_id == generations.c.id))
-         .group_by(generations.c.id, generations.c.created, generations.c.prompt, generations.c.image_path)
-         .having(votes > 0))
-    total_q = sa.select(sa.func.count()).select_from(generations)
-    if since is not None:
-        q = q.where(generations.c.created >= since)
-        total_q = total_q.where(generations.c.created >= since)
-    with store.engine.begin() as conn:
-        rows = [dict(r) for r in conn.execute(q).mappings()]
-        total = int(conn.execute(total_q).scalar())
-    for r in rows:
-        r["created"] = _utc(r["created"])
-        r["rating"] = None if r["rating"] is None else float(r["rating"])
-        r["thumbs"] = None if r["thumbs"] is None else float(r["thumbs"])
-    return rows, total - len(rows)
+    return store.rated_generations(since)
 
 
 def _judge(row: dict[str, Any], cfg: MonitorConfig) -> tuple[str, str]:

@@ -14,9 +14,7 @@ import traceback
 import uuid
 from typing import Any, Iterator, Optional
 
-import sqlalchemy as sa
-
-from monitor.store import Store, _utc, retrain_steps, retrains
+from monitor.store import Store
 from sdloop.errors import UserError
 
 FINAL = ("promoted", "rejected", "failed", "interrupted")
@@ -46,35 +44,21 @@ class RetrainLog:
         """Mark retrainings (and their steps) left running by a dead process as interrupted; return their ids.
         One whose promote step finished, or whose challenger is the ``champion`` now (killed inside the promote
         step, after the pointer moved), is marked promoted. Call only while holding the retrain lock."""
-        now = _now()
-        with self.store.engine.begin() as conn:
-            ids = list(conn.execute(sa.select(retrains.c.id).where(retrains.c.status == "running")).scalars())
-            for rid in ids:
-                conn.execute(retrain_steps.update().where(retrain_steps.c.retrain_id == rid)
-                             .where(retrain_steps.c.status == "running").values(status="interrupted", finished=now))
-                promoted = conn.execute(sa.select(retrain_steps.c.id).where(retrain_steps.c.retrain_id == rid)
-                                        .where(retrain_steps.c.step == "promote")
-                                        .where(retrain_steps.c.status == "ok")).first() is not None
-                challenger = conn.execute(sa.select(retrains.c.challenger).where(retrains.c.id == rid)).scalar()
-                promoted = promoted or (champion is not None and challenger == champion)
-                reason = ("the process stopped after the promotion, before the log was closed; the promotion stands"
-                          if promoted else "the process stopped before the retraining finished (killed or crashed); "
-                          "the champion was not changed")
-                conn.execute(retrains.update().where(retrains.c.id == rid).values(
-                    status="promoted" if promoted else "interrupted", finished=now, reasons=[reason]))
-        return ids
+        return self.store.close_running_retrains(
+            champion,
+            promoted_reason="the process stopped after the promotion, before the log was closed; the promotion stands",
+            interrupted_reason="the process stopped before the retraining finished (killed or crashed); the champion "
+                               "was not changed")
 
     def begin(self, trigger: str, champion: Optional[str]) -> str:
+        """A new retraining's row (``running``); returns its id."""
         rid = uuid.uuid4().hex[:12]
-        with self.store.engine.begin() as conn:
-            conn.execute(retrains.insert().values(id=rid, started=_now(), trigger=trigger, status="running",
-                                                  champion=champion, reasons=[], pid=os.getpid()))
+        self.store.begin_retrain(rid, trigger, champion, os.getpid())
         return rid
 
     def update(self, rid: str, **values: Any) -> None:
-        with self.store.engine.begin() as conn:
-            conn.execute(retrains.update().where(retrains.c.id == rid).values(
-                **{k: _jsonable(v) if k == "reasons" else v for k, v in values.items()}))
+        """Set columns of a retraining's row (challenger, run_dir, status, reasons)."""
+        self.store.update_retrain(rid, {k: _jsonable(v) if k == "reasons" else v for k, v in values.items()})
 
     def finish(self, rid: str, status: str, reasons: list[str], **values: Any) -> None:
         assert status in FINAL, status
@@ -85,9 +69,7 @@ class RetrainLog:
         """Log one step: a ``running`` row now, ``ok`` (with the detail the block filled in) or ``failed`` (with the
         error's first line) at the end. Exceptions pass through."""
         detail: dict[str, Any] = {}
-        with self.store.engine.begin() as conn:
-            sid = conn.execute(retrain_steps.insert().values(retrain_id=rid, step=name, status="running",
-                                                             started=_now(), detail={})).inserted_primary_key[0]
+        sid = self.store.start_retrain_step(rid, name)
         status = "failed"
         try:
             yield detail
@@ -100,22 +82,11 @@ class RetrainLog:
                 detail["traceback"] = traceback.format_exc(limit=8)
             raise
         finally:
-            with self.store.engine.begin() as conn:
-                conn.execute(retrain_steps.update().where(retrain_steps.c.id == sid).values(
-                    status=status, finished=_now(), detail=_jsonable(detail)))
+            self.store.finish_retrain_step(sid, status, _jsonable(detail))
 
     def history(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest retrainings first, each with its steps in order."""
-        with self.store.engine.begin() as conn:
-            rows = [dict(r) for r in conn.execute(
-                sa.select(retrains).order_by(retrains.c.started.desc()).limit(limit)).mappings()]
-            for row in rows:
-                row["started"], row["finished"] = _utc(row["started"]), _utc(row["finished"])
-                row["steps"] = [{**dict(s), "started": _utc(s["started"]), "finished": _utc(s["finished"])}
-                                for s in conn.execute(sa.select(retrain_steps)
-                                                      .where(retrain_steps.c.retrain_id == row["id"])
-                                                      .order_by(retrain_steps.c.id)).mappings()]
-        return rows
+        return self.store.retrain_history(limit)
 
     def last(self) -> Optional[dict[str, Any]]:
         """The most recent retraining (any outcome), or None."""

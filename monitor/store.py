@@ -14,6 +14,11 @@ The schema is versioned: ``schema_version`` holds one row per applied migration,
 list of functions that take the schema from version N-1 to N. ``migrate()`` applies the missing ones under a lock
 (sqlite's write lock, PostgreSQL's advisory lock), so workers starting together migrate once; running it again
 changes nothing.
+
+Every query of the monitoring database lives in this module and its helpers (``store_schema``: tables and
+migrations; ``store_engine``: engines, private sqlite files, database locks; ``store_reads``: what reports and the
+retraining data read; ``store_log``: the retraining log and the scheduler's job runs), behind the one public class
+``Store`` and its named methods: no other module imports SQLAlchemy or the tables (a test checks it).
 """
 
 from __future__ import annotations
@@ -22,190 +27,30 @@ import datetime as dt
 import os
 import threading
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
 
-from sdloop.errors import UserError
+from monitor.store_engine import StoreError, advisory_lock, make_engine, private_sqlite_file
+from monitor.store_log import _LogQueries
+from monitor.store_reads import _ReportQueries
+from monitor.store_schema import (MIGRATIONS, SCHEMA_VERSION, _now, _stamp, _utc, _versions, failures, feedback,
+                                  generations, job_runs, metadata, reference_windows, retrain_steps, retrains)
 
-metadata = sa.MetaData()
-
-generations = sa.Table(
-    "generations", metadata,
-    sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("created", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("prompt", sa.Text, nullable=False),
-    sa.Column("negative_prompt", sa.Text, nullable=False, default=""),
-    sa.Column("params", sa.JSON, nullable=False),
-    sa.Column("model_version", sa.String(200), nullable=False, index=True),
-    sa.Column("latency_s", sa.Float, nullable=False),
-    sa.Column("descriptors", sa.JSON, nullable=False),
-    sa.Column("image_path", sa.Text, nullable=True),
-)
-
-feedback = sa.Table(
-    "feedback", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("generation_id", sa.String(36), sa.ForeignKey("generations.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("client_id", sa.String(200), nullable=False),
-    sa.Column("rating", sa.Integer, nullable=True),
-    sa.Column("thumbs", sa.Integer, nullable=True),
-    sa.Column("comment", sa.Text, nullable=True),
-    sa.Column("tags", sa.JSON, nullable=False),
-    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.UniqueConstraint("generation_id", "client_id", name="uq_feedback_generation_client"),
-)
-
-
-# Version 3: what the monitoring loop adds. Failed requests (the error rate), the frozen reference window of each
-# champion, the retraining log (one row per retraining, one per step) and the scheduler's job results.
-failures = sa.Table(
-    "failures", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("created", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("endpoint", sa.String(100), nullable=False),
-    sa.Column("kind", sa.String(100), nullable=False),
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("model_version", sa.String(200), nullable=True),
-)
-
-reference_windows = sa.Table(
-    "reference_windows", metadata,
-    sa.Column("champion", sa.String(200), primary_key=True),
-    sa.Column("since", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("until", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("frozen", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("how", sa.Text, nullable=False),
-)
-
-retrains = sa.Table(
-    "retrains", metadata,
-    sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("started", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("trigger", sa.String(100), nullable=False),
-    sa.Column("status", sa.String(30), nullable=False),
-    sa.Column("champion", sa.String(200), nullable=True),
-    sa.Column("challenger", sa.String(200), nullable=True),
-    sa.Column("run_dir", sa.Text, nullable=True),
-    sa.Column("reasons", sa.JSON, nullable=False),
-    sa.Column("pid", sa.Integer, nullable=False),
-)
-
-retrain_steps = sa.Table(
-    "retrain_steps", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("retrain_id", sa.String(36), sa.ForeignKey("retrains.id", ondelete="CASCADE"), nullable=False,
-              index=True),
-    sa.Column("step", sa.String(50), nullable=False),
-    sa.Column("status", sa.String(30), nullable=False),
-    sa.Column("started", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("detail", sa.JSON, nullable=False),
-)
-
-job_runs = sa.Table(
-    "job_runs", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.String(100), nullable=False, index=True),
-    sa.Column("started", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("status", sa.String(30), nullable=False),
-    sa.Column("summary", sa.JSON, nullable=False),
-)
-
-
-class StoreError(UserError):
-    """The monitoring store cannot be opened or used (bad URL, unreachable server, missing driver)."""
+# The tables are re-exported for tests that write rows as an old release or another process would; modules outside
+# monitor/store*.py use Store's named methods (tests/test_store.py checks it).
+__all__ = ["Store", "StoreError", "UnknownGeneration", "open_store", "make_engine", "advisory_lock",
+           "private_sqlite_file", "MIGRATIONS", "SCHEMA_VERSION", "metadata", "generations", "feedback", "failures",
+           "reference_windows", "retrains", "retrain_steps", "job_runs"]
 
 
 class UnknownGeneration(KeyError):
     """Feedback names a generation id the store has never logged (the service answers 404)."""
 
 
-def _v1(conn: Connection) -> None:
-    """Version 1: the generation log and the feedback table."""
-    generations.create(conn)
-    feedback.create(conn)
-
-
-def _v2(conn: Connection) -> None:
-    """Version 2: an index for the monitor's per-generation feedback joins (plain DDL: a migration must not change
-    the module's Table objects, or version 1 would create it too)."""
-    conn.execute(sa.text("CREATE INDEX ix_feedback_generation ON feedback (generation_id)"))
-
-
-def _v3(conn: Connection) -> None:
-    """Version 3: failed requests, frozen reference windows, the retraining log and the scheduler's job results."""
-    for table in (failures, reference_windows, retrains, retrain_steps, job_runs):
-        table.create(conn)
-
-
-# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit an applied one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-_versions = sa.Table("schema_version", sa.MetaData(),
-                     sa.Column("version", sa.Integer, primary_key=True),
-                     sa.Column("applied", sa.DateTime(timezone=True), nullable=False))
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def _stamp(value: Optional[dt.datetime]) -> dt.datetime:
-    """A timestamp to store: now, or ``value`` in UTC (sqlite keeps the wall-clock time and drops the offset)."""
-    if value is None:
-        return _now()
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
-
-
-def _utc(value: Optional[dt.datetime]) -> Optional[dt.datetime]:
-    """sqlite returns naive datetimes (we wrote UTC); PostgreSQL returns aware ones."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=dt.timezone.utc)
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; for sqlite: WAL, full sync, foreign keys, a busy timeout and one pooled connection."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise StoreError(f"store URL {url!r} is not a database URL; set SDLOOP_STORE_URL to e.g. "
-                         "postgresql+psycopg://user:pass@host/db, or unset it for the workspace's sqlite file.") \
-            from None
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-        engine = sa.create_engine(url, pool_size=1, max_overflow=0, pool_timeout=120,
-                                  connect_args={"timeout": 60, "check_same_thread": False})
-
-        @sa.event.listens_for(engine, "connect")
-        def _connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
-            cur = dbapi_conn.cursor()
-            for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", "busy_timeout=60000"):
-                cur.execute(f"PRAGMA {pragma}")
-            cur.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
-    try:
-        return sa.create_engine(url, pool_size=8, max_overflow=16, pool_timeout=120, pool_pre_ping=True)
-    except ModuleNotFoundError as e:
-        raise StoreError(f"the database driver for {parsed.drivername} is not installed ({e.name}); for PostgreSQL "
-                         "install psycopg[binary] and use postgresql+psycopg://...") from None
-
-
-class Store:
-    """The generation log and the feedback table of one database. Thread-safe; open one per process."""
+class Store(_ReportQueries, _LogQueries):
+    """The monitoring database: the generation log, feedback, failures, frozen reference windows, the retraining log
+    and the scheduler's job runs, each read and written through a named method. Thread-safe; open one per process."""
 
     def __init__(self, url: Optional[str] = None, migrate: bool = True) -> None:
         from sdloop.workspace import store_url
@@ -305,6 +150,7 @@ class Store:
         return out
 
     def get_generation(self, generation_id: str) -> Optional[dict[str, Any]]:
+        """One logged generation by id, or None."""
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(generations).where(generations.c.id == generation_id)).mappings().first()
         return self._row(row) if row else None

@@ -16,8 +16,6 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-import sqlalchemy as sa
-
 from sdloop.errors import UserError
 
 if TYPE_CHECKING:
@@ -90,34 +88,15 @@ def current_window(cfg: "MonitorConfig", now: Optional[dt.datetime] = None, sinc
     return Window(end - dt.timedelta(hours=hours), end, how)
 
 
-def _count(store: "Store", since: dt.datetime, until: dt.datetime) -> int:
-    from monitor.store import generations
-
-    q = sa.select(sa.func.count()).select_from(generations).where(
-        generations.c.created >= since, generations.c.created < until)
-    with store.engine.begin() as conn:
-        return int(conn.execute(q).scalar())
-
-
 def frozen_window(store: "Store", champion: str) -> Optional[Window]:
     """The reference window frozen for ``champion``, or None."""
-    from monitor.store import reference_windows as rw
-
-    with store.engine.begin() as conn:
-        row = conn.execute(sa.select(rw).where(rw.c.champion == champion)).mappings().first()
+    row = store.frozen_reference(champion)
     return Window(as_utc(row["since"]), as_utc(row["until"]), row["how"]) if row else None
 
 
 def _freeze(store: "Store", champion: str, window: Window, now: dt.datetime) -> Window:
     """Record ``window`` for ``champion`` unless another process froze one first; return the one that holds."""
-    from monitor.store import reference_windows as rw
-
-    try:
-        with store.engine.begin() as conn:
-            conn.execute(rw.insert().values(champion=champion, since=window.since, until=window.until, frozen=now,
-                                            how=window.how))
-    except sa.exc.IntegrityError:
-        pass  # a concurrent report froze it first: theirs holds
+    store.freeze_reference(champion, window.since, window.until, window.how, now)  # False: theirs holds
     return frozen_window(store, champion) or window
 
 
@@ -139,15 +118,9 @@ def reference_window(store: "Store", cfg: "MonitorConfig", now: Optional[dt.date
     end = _now(now)
     before = Window(promoted - dt.timedelta(hours=cfg.reference_hours), promoted,
                     f"frozen when {tag} was promoted: {cfg.reference_hours:g} h before")
-    if promoted <= end and _count(store, before.since, before.until) >= cfg.min_generations:
+    if promoted <= end and store.count_generations(before.since, before.until) >= cfg.min_generations:
         return _freeze(store, tag, before, end)
-    from monitor.store import generations
-
-    q = (sa.select(generations.c.created)
-         .where(generations.c.created >= promoted, generations.c.created < end, generations.c.model_version == tag)
-         .order_by(generations.c.created).limit(cfg.min_generations))
-    with store.engine.begin() as conn:
-        first = [as_utc(r) for r in conn.execute(q).scalars()]
+    first = [as_utc(t) for t in store.first_generation_times(tag, promoted, end, cfg.min_generations)]
     if len(first) < cfg.min_generations:
         return None
     after = Window(promoted, first[-1] + dt.timedelta(microseconds=1),

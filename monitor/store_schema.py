@@ -1,0 +1,146 @@
+"""The monitoring store's schema: its tables, the ordered migrations that build them, and how times are stored.
+
+Part of ``monitor.store`` (split out to keep each module readable): only the store's modules (``monitor/store*.py``)
+import these tables; every other module goes through ``monitor.store.Store``'s named methods, so every query of the
+monitoring database is in one place (a test checks it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Callable, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+metadata = sa.MetaData()
+
+generations = sa.Table(
+    "generations", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("negative_prompt", sa.Text, nullable=False, default=""),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("model_version", sa.String(200), nullable=False, index=True),
+    sa.Column("latency_s", sa.Float, nullable=False),
+    sa.Column("descriptors", sa.JSON, nullable=False),
+    sa.Column("image_path", sa.Text, nullable=True),
+)
+
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("generation_id", sa.String(36), sa.ForeignKey("generations.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("client_id", sa.String(200), nullable=False),
+    sa.Column("rating", sa.Integer, nullable=True),
+    sa.Column("thumbs", sa.Integer, nullable=True),
+    sa.Column("comment", sa.Text, nullable=True),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.UniqueConstraint("generation_id", "client_id", name="uq_feedback_generation_client"),
+)
+
+
+# Version 3: what the monitoring loop adds. Failed requests (the error rate), the frozen reference window of each
+# champion, the retraining log (one row per retraining, one per step) and the scheduler's job results.
+failures = sa.Table(
+    "failures", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("endpoint", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(100), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("model_version", sa.String(200), nullable=True),
+)
+
+reference_windows = sa.Table(
+    "reference_windows", metadata,
+    sa.Column("champion", sa.String(200), primary_key=True),
+    sa.Column("since", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("frozen", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("how", sa.Text, nullable=False),
+)
+
+retrains = sa.Table(
+    "retrains", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("trigger", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(30), nullable=False),
+    sa.Column("champion", sa.String(200), nullable=True),
+    sa.Column("challenger", sa.String(200), nullable=True),
+    sa.Column("run_dir", sa.Text, nullable=True),
+    sa.Column("reasons", sa.JSON, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+)
+
+retrain_steps = sa.Table(
+    "retrain_steps", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("retrain_id", sa.String(36), sa.ForeignKey("retrains.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("step", sa.String(50), nullable=False),
+    sa.Column("status", sa.String(30), nullable=False),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("detail", sa.JSON, nullable=False),
+)
+
+job_runs = sa.Table(
+    "job_runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(100), nullable=False, index=True),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("status", sa.String(30), nullable=False),
+    sa.Column("summary", sa.JSON, nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    """Version 1: the generation log and the feedback table."""
+    generations.create(conn)
+    feedback.create(conn)
+
+
+def _v2(conn: Connection) -> None:
+    """Version 2: an index for the monitor's per-generation feedback joins (plain DDL: a migration must not change
+    the module's Table objects, or version 1 would create it too)."""
+    conn.execute(sa.text("CREATE INDEX ix_feedback_generation ON feedback (generation_id)"))
+
+
+def _v3(conn: Connection) -> None:
+    """Version 3: failed requests, frozen reference windows, the retraining log and the scheduler's job results."""
+    for table in (failures, reference_windows, retrains, retrain_steps, job_runs):
+        table.create(conn)
+
+
+# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit an applied one.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_versions = sa.Table("schema_version", sa.MetaData(),
+                     sa.Column("version", sa.Integer, primary_key=True),
+                     sa.Column("applied", sa.DateTime(timezone=True), nullable=False))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _stamp(value: Optional[dt.datetime]) -> dt.datetime:
+    """A timestamp to store: now, or ``value`` in UTC (sqlite keeps the wall-clock time and drops the offset)."""
+    if value is None:
+        return _now()
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+def _utc(value: Optional[dt.datetime]) -> Optional[dt.datetime]:
+    """sqlite returns naive datetimes (we wrote UTC); PostgreSQL returns aware ones."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.timezone.utc)
