@@ -1,8 +1,10 @@
 """The scheduler: one APScheduler 3.11 process per workspace that runs the monitoring check and the retraining.
 
-Jobs live in a ``SQLAlchemyJobStore`` (table ``apscheduler_jobs``) in the monitoring store's database, so a restart
-neither loses nor duplicates them: the process starts its scheduler paused, adds the jobs that are missing,
-reschedules one whose trigger changed (monitor interval, retrain crontab), updates changed options, then resumes.
+Jobs live in a ``SQLAlchemyJobStore`` (table ``apscheduler_jobs``) in the scheduler's own database
+(``monitor.scheduler_db``: ``$SDLOOP_SCHEDULER_URL``, default ``$SDLOOP_HOME/scheduler.db``), never in the monitoring
+store that serving replicas write, because the job store holds pickles. A restart neither loses nor duplicates them:
+the process starts its scheduler paused, adds the jobs that are missing, reschedules one whose trigger changed
+(monitor interval, retrain crontab), updates changed options, then resumes.
 Both jobs are stored by textual reference (``monitor.jobs:monitor_job``), run with ``coalesce=True``,
 ``max_instances=1`` and ``misfire_grace_time = cfg.misfire_grace_s``: runs missed while the scheduler was down are
 folded into one if the newest is within the grace time, and skipped otherwise.
@@ -20,9 +22,11 @@ busy, the previous run still ran, or the run was missed beyond the grace time). 
 storing the job's next run time, where a kill could otherwise repeat it). Rows left ``running`` by a killed
 scheduler are marked failed at the next start.
 
-The job store is shared with other processes: ``pull_forward_retrain()`` in ``sdloop monitor check`` (cron) edits the
-stored job, and the running scheduler, which sleeps until its next due job, notices within ``wake_s`` (default 30 s)
-because it wakes up that often to re-read its store.
+Only this process loads the pickled jobs. It describes them in plain rows (``scheduler_jobs``: trigger as text, next
+run time) whenever a job is added, changed or run, and ``sdloop scheduler status`` reads those. Another process that
+wants the retraining now (``pull_forward_retrain()`` in ``sdloop monitor check --pull-forward``, from cron) writes a
+request row; the running scheduler applies it within ``wake_s`` (default 30 s), when it wakes up to look for
+requests, or at its next start.
 """
 
 from __future__ import annotations
@@ -35,10 +39,8 @@ import signal
 import threading
 from typing import Any, Iterator, Mapping, Optional
 
-import sqlalchemy as sa
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED
 from apscheduler.jobstores.base import JobLookupError
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.base import BaseTrigger
@@ -48,14 +50,15 @@ from apscheduler.triggers.interval import IntervalTrigger
 from monitor.config import MonitorConfig
 from monitor.jobs import RecordingExecutor, _iso, close_interrupted, last_runs
 from monitor.lock import hold, holder, scheduler_lock_path
-from monitor.store import make_engine, open_store
+from monitor.scheduler_db import JobDescriber, SchedulerDB, apply_requests, describe, trigger_key
+from monitor.store import open_store
+from sdloop.errors import one_line
 
 log = logging.getLogger("sdloop.scheduler")
 
 JOB_IDS = ("monitor", "retrain")
 DEFAULT_FUNCS: dict[str, str] = {"monitor": "monitor.jobs:monitor_job", "retrain": "monitor.jobs:retrain_job"}
-JOBS_TABLE = "apscheduler_jobs"
-WAKE_S = 30.0  # the longest a running scheduler sleeps before re-reading its job store (edits by other processes)
+WAKE_S = 30.0  # the longest a running scheduler sleeps before looking for requests of other processes
 RETRY_S = 30.0  # wait after the job store failed (database unreachable) before trying again
 
 _running: Optional[BaseScheduler] = None  # this process's running scheduler, for pull_forward_retrain()
@@ -107,11 +110,6 @@ def triggers(cfg: MonitorConfig) -> dict[str, BaseTrigger]:
             "retrain": cron_trigger(cfg.retrain_cron)}
 
 
-def _trigger_key(trigger: BaseTrigger) -> str:
-    """What makes two triggers the same schedule: the fields and the time zone (not the interval's start date)."""
-    return f"{trigger} {getattr(trigger, 'timezone', '')}"
-
-
 def _options(cfg: MonitorConfig) -> dict[str, Any]:
     return {"coalesce": True, "max_instances": 1, "misfire_grace_time": int(cfg.misfire_grace_s)}
 
@@ -144,7 +142,7 @@ def ensure_jobs(scheduler: BaseScheduler, cfg: MonitorConfig,
         changes.update({k: v for k, v in _options(cfg).items() if getattr(job, k) != v})
         if changes:
             scheduler.modify_job(job_id, **changes)
-        if _trigger_key(job.trigger) != _trigger_key(wanted[job_id]):
+        if trigger_key(job.trigger) != trigger_key(wanted[job_id]):
             scheduler.reschedule_job(job_id, trigger=wanted[job_id])
             done[job_id] = "rescheduled"
         else:
@@ -154,41 +152,40 @@ def ensure_jobs(scheduler: BaseScheduler, cfg: MonitorConfig,
 
 # -- the scheduler process ------------------------------------------------------------------------------------------
 
-def _jobstore(url: str) -> SQLAlchemyJobStore:
-    # The store's engine settings (sqlite: WAL, busy timeout, BEGIN IMMEDIATE) so the scheduler, the service and
-    # `sdloop monitor check` share one database file without "database is locked" failures.
-    return SQLAlchemyJobStore(engine=make_engine(url), tablename=JOBS_TABLE)
-
-
 def run_scheduler(cfg: MonitorConfig, *, funcs: Optional[Mapping[str, str]] = None,
                   stop_event: Optional[threading.Event] = None, wake_s: float = WAKE_S,
-                  url: Optional[str] = None) -> None:
+                  url: Optional[str] = None, scheduler_url: Optional[str] = None) -> None:
     """Run the workspace's scheduler until SIGTERM/SIGINT or ``stop_event`` (blocking). Raises ``monitor.lock.Busy``
     (one line: who holds it) when another scheduler runs on this workspace.
 
     ``funcs`` replaces the jobs' functions by textual reference (tests); ``wake_s`` bounds how long the scheduler
-    sleeps before re-reading its store, i.e. how soon it sees edits made by other processes; ``url`` defaults to
-    ``sdloop.workspace.store_url()``."""
+    sleeps before looking for requests of other processes (a pull-forward); ``url`` (the monitoring store) defaults
+    to ``sdloop.workspace.store_url()``, ``scheduler_url`` (its own database) to ``scheduler_url()``."""
     global _running
     stop = stop_event or threading.Event()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from sdloop.workspace import store_url
 
+    db = SchedulerDB(scheduler_url)
     with hold(scheduler_lock_path(), "scheduler", db_url=url or store_url()):
         store = open_store(url)
         interrupted = close_interrupted(store)
         if interrupted:
             log.warning("%d job run(s) were interrupted when the scheduler last stopped; marked failed", interrupted)
         executor = RecordingExecutor(store)
-        scheduler = BackgroundScheduler(jobstores={"default": _jobstore(store.url)},
+        scheduler = BackgroundScheduler(jobstores={"default": db.jobstore()},
                                         executors={"default": executor}, timezone=_local_zone(),
                                         job_defaults=_options(cfg), jobstore_retry_interval=RETRY_S)
         scheduler.add_listener(executor.finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        describer = JobDescriber(scheduler, db)
+        scheduler.add_listener(describer.mark, JobDescriber.EVENTS)
         restore = _install_signals(stop)
         try:
             scheduler.start(paused=True)
             done = ensure_jobs(scheduler, cfg, funcs)
+            apply_requests(scheduler, db)  # pull-forwards asked for while no scheduler ran
+            describer.start()
             _running = scheduler
             scheduler.resume()
             for job in scheduler.get_jobs():
@@ -196,13 +193,19 @@ def run_scheduler(cfg: MonitorConfig, *, funcs: Optional[Mapping[str, str]] = No
                          _iso(job.next_run_time))
             log.info("scheduler running (pid %d); SIGTERM or Ctrl-C stops it", os.getpid())
             while not stop.wait(wake_s):
-                scheduler.wakeup()  # re-read the job store: other processes may have pulled a job forward
+                try:
+                    apply_requests(scheduler, db)
+                except Exception as e:  # noqa: BLE001 - the database may be away for a while: try again later
+                    log.warning("could not read the scheduler's requests: %s", one_line(e))
+                describer.mark()
             log.info("stopping: waiting for running jobs to finish (a second signal abandons them)")
         finally:
             _running = None
             if scheduler.running:
+                describer.stop()
                 _shutdown(scheduler, wait=True)
             restore()
+            db.close()
         log.info("scheduler stopped")
 
 
@@ -230,16 +233,19 @@ def _install_signals(stop: threading.Event) -> Any:
 # -- outside the scheduler process ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _store_scheduler(url: Optional[str] = None) -> Iterator[BaseScheduler]:
-    """A scheduler on the workspace's job store that never runs jobs (started paused): to read or edit the stored
-    jobs from another process through APScheduler's own API."""
-    scheduler = BackgroundScheduler(jobstores={"default": _jobstore(url or open_store().url)},
-                                    timezone=_local_zone())
+def _store_scheduler(scheduler_url: Optional[str] = None) -> Iterator[BaseScheduler]:
+    """A scheduler on the scheduler's own job store that never runs jobs (started paused), to seed or edit the
+    stored jobs through APScheduler's API while no scheduler runs (tests do). It loads the pickled jobs, so no command
+    uses it; on leaving, it describes the jobs in plain rows, as the running scheduler does."""
+    db = SchedulerDB(scheduler_url)
+    scheduler = BackgroundScheduler(jobstores={"default": db.jobstore()}, timezone=_local_zone())
     scheduler.start(paused=True)
     try:
         yield scheduler
+        db.write_jobs(describe(scheduler.get_jobs()))
     finally:
         _shutdown(scheduler, wait=False)
+        db.close()
 
 
 def _shutdown(scheduler: BaseScheduler, wait: bool) -> None:
@@ -250,66 +256,67 @@ def _shutdown(scheduler: BaseScheduler, wait: bool) -> None:
     scheduler.shutdown(wait=wait)
 
 
-def pull_forward_retrain(when: Optional[dt.datetime] = None, url: Optional[str] = None) -> Optional[dt.datetime]:
-    """Make the "retrain" job due now (or at ``when``); return its new next run time, or None when no scheduler has
-    ever stored the job (run `sdloop scheduler start`).
+def pull_forward_retrain(when: Optional[dt.datetime] = None,
+                         scheduler_url: Optional[str] = None) -> Optional[dt.datetime]:
+    """Make the "retrain" job due now (or at ``when``); return that time, or None when no scheduler has ever stored
+    the job (run `sdloop scheduler start`).
 
     Inside the scheduler process this goes through the running scheduler, which wakes at once. From another process
-    (``sdloop monitor check`` run by cron) it edits the stored job; the running scheduler picks it up within its
-    ``wake_s``. After the run, the job returns to its crontab."""
+    (``sdloop monitor check`` run by cron) it writes a request into the scheduler's database, loading no job: the
+    running scheduler applies it within its ``wake_s``, a stopped one at its next start. After the run, the job
+    returns to its crontab."""
     when = when or _now()
     scheduler = _running
     if scheduler is not None and scheduler.running:
         try:
             return scheduler.modify_job("retrain", next_run_time=when).next_run_time
         except (JobLookupError, KeyError):
-            pass  # the scheduler is stopping (its store detached): edit the stored job instead
-    with _store_scheduler(url) as offline:
-        try:
-            return offline.modify_job("retrain", next_run_time=when).next_run_time
-        except JobLookupError:
-            return None
-
-
-def stored_jobs(url: Optional[str] = None) -> dict[str, dict[str, Any]]:
-    """The jobs in the job store, read without importing their functions (APScheduler deletes a stored job whose
-    function it cannot import while loading it, so a reader in another environment must not go through it): id ->
-    {trigger, next_run, func, misfire_grace_time}."""
-    import pickle
-
-    engine = make_engine(url or open_store().url)
+            pass  # the scheduler is stopping (its store detached): leave a request for its next start
+    db = SchedulerDB(scheduler_url)
     try:
-        with engine.connect() as conn:
-            if not sa.inspect(conn).has_table(JOBS_TABLE):
-                return {}
-            rows = conn.execute(sa.text(f"SELECT id, job_state FROM {JOBS_TABLE}")).all()
+        if "retrain" not in db.jobs():
+            return None
+        db.request_run("retrain", when)
+        return when
     finally:
-        engine.dispose()
-    out = {}
-    for job_id, blob in rows:
-        state = pickle.loads(blob)
-        out[job_id] = {"trigger": state["trigger"], "next_run": state["next_run_time"], "func": state["func"],
-                       "misfire_grace_time": state["misfire_grace_time"]}
-    return out
+        db.close()
 
 
-def scheduler_status(cfg: MonitorConfig, url: Optional[str] = None) -> list[dict[str, Any]]:
-    """Each job as the job store holds it, without starting a scheduler: id, trigger, next_run (None: not scheduled
-    or paused), stored (False: no scheduler has added it yet), trigger_current (False: the settings changed since; a
-    restart reschedules it), last (the newest job_runs row or None) and scheduler (the lock holder's pid and since,
-    or None when no scheduler runs)."""
+def stored_jobs(scheduler_url: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """The jobs as the scheduler last described them in its database's plain rows (nothing is unpickled): id ->
+    {func, trigger (text), trigger_key, next_run, misfire_grace_time, written}."""
+    db = SchedulerDB(scheduler_url)
+    try:
+        return db.jobs()
+    finally:
+        db.close()
+
+
+def scheduler_status(cfg: MonitorConfig, url: Optional[str] = None,
+                     scheduler_url: Optional[str] = None) -> list[dict[str, Any]]:
+    """Each job as the scheduler last described it, without starting a scheduler or loading a stored job: id,
+    trigger, next_run (None: not scheduled or paused), stored (False: no scheduler has added it yet), trigger_current
+    (False: the settings changed since; a restart reschedules it), pulled_forward (a requested run time the scheduler
+    has not applied yet, or None), last (the newest job_runs row or None) and scheduler (the lock holder's pid and
+    since, or None when no scheduler runs)."""
     store = open_store(url)
     running = holder(scheduler_lock_path())
     wanted = triggers(cfg)
-    jobs = stored_jobs(store.url)
+    db = SchedulerDB(scheduler_url)
+    try:
+        jobs, pending = db.jobs(), db.pending()
+    finally:
+        db.close()
     out = []
     for job_id in JOB_IDS:
         job = jobs.get(job_id)
         runs = last_runs(store, job_id, limit=1)
+        asked = [when for _, jid, when in pending if jid == job_id]
         out.append({"id": job_id, "stored": job is not None,
-                    "trigger": str(job["trigger"]) if job else str(wanted[job_id]),
-                    "trigger_current": job is None or _trigger_key(job["trigger"]) == _trigger_key(wanted[job_id]),
+                    "trigger": job["trigger"] if job else str(wanted[job_id]),
+                    "trigger_current": job is None or job["trigger_key"] == trigger_key(wanted[job_id]),
                     "next_run": job["next_run"] if job else None,
+                    "pulled_forward": min(asked) if asked else None,
                     "last": runs[0] if runs else None, "scheduler": running})
     return out
 
@@ -322,6 +329,8 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         nxt = _iso(r["next_run"]) if r["next_run"] else ("not scheduled yet" if not r["stored"] else "paused")
         note = "" if r["trigger_current"] else " (settings changed: a restart reschedules it)"
+        if r.get("pulled_forward"):
+            nxt += f" (pulled forward to {_iso(r['pulled_forward'])}: the scheduler applies it when it next wakes)"
         last = r["last"]
         if last:
             what = last["summary"].get("error") or last["summary"].get("reason") or last["summary"].get("action") or ""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 ENV_HOME = "SDLOOP_HOME"
 ENV_STORE_URL = "SDLOOP_STORE_URL"
+ENV_SCHEDULER_URL = "SDLOOP_SCHEDULER_URL"
 
 
 def home() -> Path:
@@ -77,3 +78,10 @@ def use_bentoml_home() -> Path:
 def store_url() -> str:
     """The monitoring store's SQLAlchemy URL: ``$SDLOOP_STORE_URL`` (e.g. PostgreSQL) or the workspace's sqlite."""
     return os.environ.get(ENV_STORE_URL) or f"sqlite:///{home() / 'monitor.db'}"
+
+
+def scheduler_url() -> str:
+    """The scheduler's own database (APScheduler's job store, which holds pickles): ``$SDLOOP_SCHEDULER_URL`` or the
+    workspace's ``scheduler.db``. Never the monitoring store, which every serving replica can write: a pickled row
+    written there would run code in whoever loads it. Only the scheduler and the commands that talk to it read this."""
+    return os.environ.get(ENV_SCHEDULER_URL) or f"sqlite:///{home() / 'scheduler.db'}"

@@ -25,8 +25,9 @@ import sqlalchemy as sa
 
 from monitor.config import MonitorConfig
 from monitor.lock import holder, scheduler_lock_path
-from monitor.scheduler import (JOBS_TABLE, _store_scheduler, cron_trigger, ensure_jobs, format_status, last_runs,
+from monitor.scheduler import (_store_scheduler, cron_trigger, ensure_jobs, format_status, last_runs,
                                pull_forward_retrain, run_scheduler, scheduler_status, stored_jobs)
+from monitor.scheduler_db import JOBS_TABLE, SchedulerDB
 from monitor.store import Store, job_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +110,14 @@ def _ok(store: Store, job_id: str, n: int) -> Callable[[], bool]:
     return lambda: sum(r["status"] == "ok" for r in _runs(store, job_id)) >= n
 
 
-def _job_ids(store: Store) -> list[str]:
-    with store.engine.connect() as conn:
-        return sorted(r[0] for r in conn.execute(sa.text(f"SELECT id FROM {JOBS_TABLE}")))
+def _job_ids() -> list[str]:
+    """The ids in APScheduler's job table of the scheduler's own database (read by id only: nothing unpickled)."""
+    db = SchedulerDB()
+    try:
+        with db.engine.connect() as conn:
+            return sorted(r[0] for r in conn.execute(sa.text(f"SELECT id FROM {JOBS_TABLE}")))
+    finally:
+        db.close()
 
 
 def _scheduled(row: dict) -> dt.datetime:
@@ -139,6 +145,12 @@ def procs() -> Iterator[list[subprocess.Popen]]:
             p.communicate()
 
 
+@pytest.fixture(autouse=True)
+def _own_scheduler_db(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's scheduler database follows its workspace (SDLOOP_HOME/scheduler.db)."""
+    monkeypatch.delenv("SDLOOP_SCHEDULER_URL", raising=False)
+
+
 SETTINGS = {"monitor_every_minutes": INTERVAL_MIN, "retrain_cron": FAR_CRON, "misfire_grace_s": 600}
 TICKS = {"monitor": "test_scheduler:tick", "retrain": "test_scheduler:tick"}
 
@@ -151,7 +163,7 @@ def test_restart_after_kill_keeps_one_of_each_job_and_coalesces_missed_runs(work
     a = _start(workspace, SETTINGS, TICKS)
     procs.append(a)
     _wait_for("two monitor runs", _ok(store, "monitor", 2), a)
-    assert _job_ids(store) == ["monitor", "retrain"]
+    assert _job_ids() == ["monitor", "retrain"]
     assert _runs(store, "monitor")[0]["summary"]["every"] == INTERVAL_MIN  # the job got the scheduler's settings
 
     status = {r["id"]: r for r in scheduler_status(cfg)}
@@ -185,7 +197,7 @@ def test_restart_after_kill_keeps_one_of_each_job_and_coalesces_missed_runs(work
     procs.append(c)
     ok_before = sum(r["status"] == "ok" for r in before)
     _wait_for("two monitor runs after the restart", _ok(store, "monitor", ok_before + 2), c)
-    assert _job_ids(store) == ["monitor", "retrain"]
+    assert _job_ids() == ["monitor", "retrain"]
     runs = _runs(store, "monitor")
     times = [r["summary"]["scheduled"] for r in runs]
     assert len(times) == len(set(times)), "a scheduled run time ran twice"
@@ -215,7 +227,7 @@ def test_restart_after_kill_keeps_one_of_each_job_and_coalesces_missed_runs(work
     assert err.strip().splitlines()[-1].endswith("scheduler stopped")
     assert holder(scheduler_lock_path()) is None
     assert all(r["status"] == "ok" for r in _runs(store, "monitor") if r["id"] > before[-1]["id"])
-    assert _job_ids(store) == ["monitor", "retrain"]
+    assert _job_ids() == ["monitor", "retrain"]
 
 
 def test_a_running_scheduler_sees_a_pull_forward_from_another_process(workspace: Path, procs: list) -> None:
@@ -390,10 +402,15 @@ def test_in_a_thread_with_a_stop_event(workspace: Path) -> None:
     assert holder(scheduler_lock_path()) is None
 
 
-def test_postgresql_job_store(workspace: Path, monkeypatch: pytest.MonkeyPatch, postgres_db: str) -> None:
-    url = postgres_db
-    monkeypatch.setenv("SDLOOP_STORE_URL", url)
-    store = Store(url)
+@pytest.mark.parametrize("on_postgres", ["monitoring store", "scheduler database"])
+def test_postgresql_job_store(workspace: Path, monkeypatch: pytest.MonkeyPatch, postgres_db: str,
+                              on_postgres: str) -> None:
+    """Either database on PostgreSQL (the other the workspace's sqlite file): they are never the same database."""
+    env = "SDLOOP_STORE_URL" if on_postgres == "monitoring store" else "SDLOOP_SCHEDULER_URL"
+    monkeypatch.setenv(env, postgres_db)
+    from sdloop.workspace import store_url
+
+    store = Store(store_url())
     stop = threading.Event()
     t = threading.Thread(target=run_scheduler, args=(MonitorConfig.from_dict(SETTINGS),),
                          kwargs={"funcs": TICKS, "stop_event": stop, "wake_s": 0.2})
@@ -405,6 +422,78 @@ def test_postgresql_job_store(workspace: Path, monkeypatch: pytest.MonkeyPatch, 
     finally:
         stop.set()
         t.join(30)
-    assert _job_ids(store) == ["monitor", "retrain"]
+    assert _job_ids() == ["monitor", "retrain"]
     assert [r["stored"] for r in scheduler_status(MonitorConfig.from_dict(SETTINGS))] == [True, True]
     store.close()
+
+
+# -- nothing outside the scheduler process unpickles ------------------------------------------------------------------
+
+class _Planted:
+    """A job row as an attacker writes it: unpickling it creates ``path`` (any code could run instead)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+def _plant(url: str, table: str, job_id: str, blob: bytes, create: bool) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        if create:
+            conn.execute(sa.text(f"CREATE TABLE {table} (id VARCHAR(191) PRIMARY KEY, next_run_time FLOAT, "
+                                 "job_state BLOB NOT NULL)"))
+        conn.execute(sa.text(f"DELETE FROM {table} WHERE id = :id"), {"id": job_id})
+        conn.execute(sa.text(f"INSERT INTO {table} (id, next_run_time, job_state) VALUES (:id, 0, :blob)"),
+                     {"id": job_id, "blob": blob})
+    engine.dispose()
+
+
+def test_status_and_pull_forward_never_unpickle_a_job_row(workspace: Path, capsys: pytest.CaptureFixture) -> None:
+    """A pickled row planted where the job table used to be (the monitoring store, which every serving replica can
+    write) and in the scheduler's own job table: `sdloop scheduler status`, the status functions and a pull-forward
+    read plain rows only, so the planted code never runs."""
+    import pickle
+
+    from sdloop_cli.main import main
+
+    workspace.mkdir(parents=True)
+    proof = workspace / "proof"
+    pickle.loads(pickle.dumps(_Planted(proof))).close()  # the payload is live: loading it does create the file
+    assert proof.exists()
+    ran = workspace / "ran"
+    blob = pickle.dumps(_Planted(ran))
+    Store(f"sqlite:///{workspace / 'monitor.db'}").close()
+    _plant(f"sqlite:///{workspace / 'monitor.db'}", JOBS_TABLE, "retrain", blob, create=True)  # the old place
+    with _store_scheduler() as s:  # the scheduler's own store, as a scheduler leaves it
+        ensure_jobs(s, MonitorConfig.from_dict(SETTINGS), TICKS)
+    _plant(f"sqlite:///{workspace / 'scheduler.db'}", JOBS_TABLE, "retrain", blob, create=False)
+    _plant(f"sqlite:///{workspace / 'scheduler.db'}", JOBS_TABLE, "evil", blob, create=False)
+
+    assert main(["scheduler", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "monitor: interval[0:00:01.200000]" in out and "retrain: cron[" in out
+    assert main(["scheduler", "status", "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["monitor", "retrain"]
+    when = pull_forward_retrain()
+    assert when is not None
+    row = {r["id"]: r for r in scheduler_status(MonitorConfig.from_dict(SETTINGS))}["retrain"]
+    assert row["pulled_forward"] == when and "pulled forward to" in format_status([row])
+    assert set(stored_jobs()) == {"monitor", "retrain"}
+    assert not ran.exists(), "a status command or the pull-forward unpickled a planted row"
+
+
+def test_the_scheduler_database_is_never_the_monitoring_store(workspace: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from sdloop_cli.main import main
+
+    monkeypatch.setenv("SDLOOP_SCHEDULER_URL", f"sqlite:///{workspace / 'monitor.db'}")
+    assert main(["scheduler", "status"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: SDLOOP_SCHEDULER_URL names the monitoring store's database") and "\n" not in err
+    monkeypatch.setenv("SDLOOP_SCHEDULER_URL", "not a url")
+    assert main(["scheduler", "status"]) == 2
+    assert "SDLOOP_SCHEDULER_URL is not a database URL" in capsys.readouterr().err
+
