@@ -167,3 +167,14 @@ def test_opening_the_store_again_in_a_process_keeps_its_locks(tmp_path: Path) ->
         subprocess.run([sys.executable, "-c", script, url, prompt], cwd=ROOT, check=True, timeout=120)
     assert sorted(r["prompt"] for r in first.generations()) == ["one", "two"]
     first.close()
+
+
+def test_the_service_is_never_given_the_scheduler_database() -> None:
+    """The service's code never names the scheduler's database, its setting or its module: a serving replica holds
+    write access to the monitoring store only, and the job store (which holds pickles) is out of its reach."""
+    found = []
+    for path in sorted((ROOT / "bento").rglob("*.py")) + [ROOT / "bentofile.yaml"]:
+        text = path.read_text(encoding="utf-8")
+        found += [f"{path.relative_to(ROOT)}: {w}" for w in ("SDLOOP_SCHEDULER_URL", "scheduler_url", "scheduler_db",
+                                                            "monitor.scheduler", "scheduler.db") if w in text]
+    assert not found, found
