@@ -128,8 +128,8 @@ def cmd_monitor_check(args: argparse.Namespace) -> int:
 
         when = pull_forward_retrain()
         print(f"the scheduler's retraining job is now due at {when:%Y-%m-%d %H:%M:%S %Z} (a running scheduler "
-              "starts it within 30 s)" if when else "no scheduler job is stored yet: start one with `sdloop "
-              "scheduler start`, or run `sdloop retrain` now")
+              "starts it within 30 s, a stopped one when it starts)" if when else "no scheduler job is stored yet: "
+              "start one with `sdloop scheduler start`, or run `sdloop retrain` now")
     return 1 if result.decision.retrain else 0
 
 
@@ -210,7 +210,8 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
 
     p_sched = sub.add_parser("scheduler", help="the one process that monitors and retrains on a schedule")
     ssub = p_sched.add_subparsers(dest="scheduler_command", metavar="ACTION")
-    p = ssub.add_parser("start", help="run the scheduler in the foreground (jobs persist in the store's database)")
+    p = ssub.add_parser("start", help="run the scheduler in the foreground (jobs persist in its own "
+                        "database, $SDLOOP_SCHEDULER_URL or $SDLOOP_HOME/scheduler.db)")
     _settings(p)
     p.set_defaults(func=cmd_scheduler_start)
     p = ssub.add_parser("status", help="the jobs, their last result and next run, and whether a scheduler runs")
