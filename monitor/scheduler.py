@@ -167,7 +167,7 @@ def run_scheduler(cfg: MonitorConfig, *, funcs: Optional[Mapping[str, str]] = No
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from sdloop.workspace import store_url
 
-    db = SchedulerDB(scheduler_url)
+    db = SchedulerDB(scheduler_url, monitoring_url=url)
     with hold(scheduler_lock_path(), "scheduler", db_url=url or store_url()):
         store = open_store(url)
         interrupted = close_interrupted(store)
@@ -302,7 +302,7 @@ def scheduler_status(cfg: MonitorConfig, url: Optional[str] = None,
     store = open_store(url)
     running = holder(scheduler_lock_path())
     wanted = triggers(cfg)
-    db = SchedulerDB(scheduler_url)
+    db = SchedulerDB(scheduler_url, monitoring_url=store.url)
     try:
         jobs, pending = db.jobs(), db.pending()
     finally:

@@ -85,9 +85,10 @@ def _where(url: str) -> tuple[Any, ...]:
 
 
 class SchedulerDB:
-    """The scheduler's database at ``url`` (default ``sdloop.workspace.scheduler_url()``). Readers never create it."""
+    """The scheduler's database at ``url`` (default ``sdloop.workspace.scheduler_url()``), refused when it is the
+    monitoring store's (``monitoring_url``, default ``store_url()``). Readers never create it."""
 
-    def __init__(self, url: Optional[str] = None) -> None:
+    def __init__(self, url: Optional[str] = None, monitoring_url: Optional[str] = None) -> None:
         from sdloop.workspace import scheduler_url, store_url
 
         self.url = url or scheduler_url()
@@ -97,7 +98,7 @@ class SchedulerDB:
             raise StoreError(f"{SETTING} is not a database URL; set it to e.g. postgresql+psycopg://user:pass@host/db"
                              ", or unset it for the workspace's scheduler.db.") from None
         try:
-            same = mine == _where(store_url())
+            same = mine == _where(monitoring_url or store_url())
         except sa.exc.ArgumentError:
             same = False  # a bad SDLOOP_STORE_URL: the monitoring store says so itself when it is opened
         if same:
