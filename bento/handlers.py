@@ -1,8 +1,10 @@
 """The work behind each endpoint, kept beside the service so ``service.py`` stays one screen.
 
 Every error is a JSON body ``{"error": what happened and what to do, "status": one word}`` with its HTTP status:
-400 for a request the model cannot take (prompt too long), 404 unknown generation, 401/403 admin auth, 503 not
-ready, 504 deadline (``status: "timeout"``). Records are committed to the store before the answer goes out.
+400 for a request the model cannot take (prompt too long, a size outside its limits), 404 unknown generation,
+401/403 admin auth, 503 not ready (with the reason: nothing promoted yet, or the version refused and why), 504
+deadline (``status: "timeout"``). Records are committed to the store before the answer goes out. Settings come from
+the service's ``ServeConfig``, never from the environment here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import base64
 import hmac
 import io
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -21,10 +22,9 @@ from starlette.responses import JSONResponse, Response
 
 from bento.runtime import ERRORS, FEEDBACK, GENERATIONS, LATENCY, DeadlineExceeded, ModelHolder, NotReady, \
     PromptTooLong, SizeNotSupported
+from bento.config import ServeConfig
 from bento.schemas import FeedbackRequest, FeedbackResponse, GeneratedImage, Txt2ImgRequest, Txt2ImgResponse
 
-ADMIN_TOKEN_ENV = "SDLOOP_ADMIN_TOKEN"
-IMAGE_DIR_ENV = "SDLOOP_IMAGE_DIR"
 log = logging.getLogger("sdloop.service")
 
 
@@ -47,15 +47,14 @@ def _failed(store: Any, endpoint: str, kind: str, message: str, version: Optiona
         pass
 
 
-def _save_image(data: bytes, generation_id: str) -> Optional[str]:
+def _save_image(folder: Optional[Any], data: bytes, generation_id: str) -> Optional[str]:
     """Keep the PNG under $SDLOOP_IMAGE_DIR (default: the workspace's generations/)/YYYY-MM-DD/ID.png: retraining
-    learns from the well-rated ones. SDLOOP_IMAGE_DIR=off keeps none."""
+    learns from the well-rated ones. SDLOOP_IMAGE_DIR=off (``folder`` None) keeps none."""
     from sdloop.atomic import write_bytes_atomic
-    from sdloop.workspace import generations_dir
 
-    if os.environ.get(IMAGE_DIR_ENV, "").strip().lower() in ("off", "none", "0"):
+    if folder is None:
         return None
-    path = generations_dir() / time.strftime("%Y-%m-%d", time.gmtime()) / f"{generation_id}.png"
+    path = folder / time.strftime("%Y-%m-%d", time.gmtime()) / f"{generation_id}.png"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
@@ -65,8 +64,9 @@ def _save_image(data: bytes, generation_id: str) -> Optional[str]:
     return str(path)
 
 
-def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool) -> Any:
-    """Generate, log every image (descriptors, parameters, latency, version), and answer PNG or JSON."""
+def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, config: ServeConfig) -> Any:
+    """Generate (at the model's native size unless the request names one), log every image (descriptors,
+    parameters with the size drawn, latency, version), and answer PNG or JSON."""
     from sdloop.descriptors import image_descriptors
 
     endpoint = "txt2img" if png else "txt2img_json"
@@ -104,7 +104,7 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool) -
         store.log_generation(prompt=req.prompt, negative_prompt=req.negative_prompt,
                              params={**params_logged, "seed": seed, "backend": model.backend}, model_version=tag,
                              latency_s=latency, descriptors=image_descriptors(image),
-                             image_path=_save_image(data, gid), generation_id=gid)
+                             image_path=_save_image(config.generations_dir, data, gid), generation_id=gid)
         GENERATIONS.labels(model_version=tag).inc()
         out.append(GeneratedImage(generation_id=gid, seed=seed, image_png_base64=base64.b64encode(data).decode()))
     if png:
@@ -139,11 +139,11 @@ def feedback(store: Any, params: dict[str, Any], request: Any) -> Any:
     return FeedbackResponse(status="stored", feedback_id=row["id"], updated=row["updated_existing"])
 
 
-def admin_reload(model: ModelHolder, request: Any) -> Any:
-    """Load the champion now. Needs ``Authorization: Bearer $SDLOOP_ADMIN_TOKEN``; disabled (403) without a token."""
-    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+def admin_reload(model: ModelHolder, request: Any, token: str) -> Any:
+    """Load the champion now. Needs ``Authorization: Bearer $SDLOOP_ADMIN_TOKEN``; disabled (403) without a token.
+    A refused version is a 500 with the reason; the version served before keeps serving."""
     if not token:
-        return error(403, "disabled", f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} on the server to "
+        return error(403, "disabled", "admin endpoints are disabled: set SDLOOP_ADMIN_TOKEN on the server to "
                                       "enable them", "admin_reload")
     given = request.headers.get("authorization", "")
     if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
@@ -153,7 +153,23 @@ def admin_reload(model: ModelHolder, request: Any) -> Any:
     before = model.version
     try:
         now = model.refresh(force=True)
-    except Exception as e:  # noqa: BLE001 - the old model keeps serving; say why the new one did not load
-        return error(500, "reload_failed", f"loading the champion failed ({type(e).__name__}: {e}); still "
-                                           f"serving {before}", "admin_reload")
+    except Exception as e:  # noqa: BLE001 - the pointer could not be read: the old model keeps serving
+        return error(500, "reload_failed", f"reading the champion pointer failed ({type(e).__name__}: {e}); "
+                                           f"still serving {before}", "admin_reload")
+    if model.last_error:
+        return error(500, "reload_failed", f"{model.last_error}; still serving {now or 'nothing'}", "admin_reload")
     return {"status": "ok", "previous": before, "model_version": now}
+
+
+def info(_request: Any) -> Any:
+    """GET /info: the served version, how it runs (providers, threads, spinning, IO binding), its native size and
+    limits, the latency its export measured, the backend and the last refusal; 200 even when nothing is loaded (that
+    is what /readyz is for), so an operator can read why."""
+    import bentoml
+
+    service = bentoml.get_current_service()
+    body = service.model.info()
+    settings = service.config.public()
+    body["settings"] = {k: settings[k] for k in ("deadline_s", "max_side", "max_steps", "max_images", "workers",
+                                                 "torch_threads", "poll_s")}
+    return JSONResponse(body)

@@ -8,22 +8,27 @@ Why these shapes:
   504 does not leave a generation running that delays everyone behind it. Waiting for the lock counts too.
 - New champions: a daemon thread polls the pointer file's mtime (``sdloop.champion``) every ``poll_s`` and loads a
   new champion beside the old one, then swaps the reference; a request in flight finishes on the pipeline it took.
+- An export is run exactly as its manifest says (``sdloop.exportload.open_export``: hashes checked, its providers,
+  threads, no spinning, IO binding, free-dimension overrides), so the latency the gate judged is the one served. A
+  version that fails its check or does not load is refused: the reason goes to ``last_error`` (/info, the 503 of a
+  worker with nothing loaded) and to the log once per version and file state, and the current champion keeps
+  serving. A request's default size is the model's native one, from its manifest.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from prometheus_client import Counter, Histogram
 
 from sdloop.champion import MODEL_NAME, current_champion_tag, pointer_mtime
+from sdloop.errors import UserError, one_line
 
 log = logging.getLogger("sdloop.serve")
 
@@ -52,16 +57,50 @@ class PromptTooLong(ValueError):
 
 
 class SizeNotSupported(ValueError):
-    """A side this model's exported graph cannot take (its UNet halves the latent once per down block)."""
+    """A side outside the served version's limits (its manifest's min/max side and multiple, capped by the
+    operator's SDLOOP_MAX_SIDE): its UNet halves the latent once per down block, and far from its native size it
+    draws repeated tiles."""
 
 
 @dataclass
 class Loaded:
+    """A version ready to serve: its pipeline, its manifest, and what /info reports about how it runs here."""
+
     tag: str
     pipe: Any
     backend: str
-    max_tokens: int
-    side_multiple: int
+    manifest: Any  # sdloop.exportfolder.ExportManifest
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def native(self) -> tuple[int, int]:
+        return self.manifest.native_width, self.manifest.native_height
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.manifest.limits.get("max_tokens") or self.pipe.tokenizer.model_max_length)
+
+    def sides(self, max_side: int) -> tuple[int, int, int]:
+        """(smallest side, largest side, multiple) this version takes here: its manifest's limits, capped by the
+        operator's SDLOOP_MAX_SIDE."""
+        lim = self.manifest.limits
+        multiple = int(lim.get("side_multiple") or 8)
+        return int(lim.get("min_side") or multiple), min(int(lim.get("max_side") or max_side), max_side), multiple
+
+    def size_for(self, width: Optional[int], height: Optional[int], max_side: int) -> tuple[int, int]:
+        """The size to draw: the native one where the request gave none; a side outside the limits is refused
+        naming the range it may take."""
+        low, high, m = self.sides(max_side)
+        out = []
+        for name, side, native in (("width", width, self.native[0]), ("height", height, self.native[1])):
+            side = native if side is None else side
+            if side % m or not low <= side <= high:
+                near = min(max(low, round(side / m) * m), high // m * m)
+                raise SizeNotSupported(f"{name}: {self.tag} takes {low} to {high} pixels in multiples of {m} (it "
+                                       f"draws {self.native[0]}x{self.native[1]} natively, the default); got "
+                                       f"{side}, try {near}")
+            out.append(side)
+        return out[0], out[1]
 
 
 def configure_threads(threads: int) -> int:
@@ -90,43 +129,89 @@ def model_dir(tag: str) -> tuple[str, Path]:
     return str(model.tag), Path(model.path)
 
 
-def load_pipeline(tag: str, backend: str, threads: int) -> Loaded:
-    """The onnxruntime pipeline of a stored export, or (backend ``pytorch``) its source run's PyTorch pipeline."""
+def load_pipeline(tag: str, backend: str, threads: Optional[int] = None) -> Loaded:
+    """A stored version ready to serve: the export run as its manifest says (``threads``: the operator's per-worker
+    intra-op threads, None for the manifest's), or (backend ``pytorch``) its source run's PyTorch pipeline.
+
+    Either way the export folder is checked first (``verify``: hashes once per file state), so a damaged or
+    tampered version is refused with the first problem found (``ExportFolderError``, one line).
+    """
+    from sdloop.exportfolder import ExportFolder, ExportFolderError
+
     tag, path = model_dir(tag)
     if backend == "pytorch":
         from sdloop.runfolder import RunFolder
 
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        pipe = RunFolder(Path(manifest["source_run"]["path"])).load_pipeline(lora=True)
+        manifest = ExportFolder(path).verify()
+        source = manifest.source_run.get("path")
+        if not source:
+            raise ExportFolderError(f"{tag} names no source run in its manifest, so the pytorch backend cannot "
+                                    "serve it; serve it with SDLOOP_BACKEND=onnx.")
+        started = time.perf_counter()
+        pipe = RunFolder(Path(source)).load_pipeline(lora=True)
         pipe.fuse_lora()
         pipe.set_progress_bar_config(disable=True)
-    else:
-        import onnxruntime as ort
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
+        import torch
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        provider = os.environ.get("SDLOOP_ORT_PROVIDER", "CPUExecutionProvider")
-        pipe = ORTStableDiffusionPipeline.from_pretrained(str(path), export=False, session_options=opts,
-                                                          provider=provider)
-    pipe.set_progress_bar_config(disable=True)
-    downsamples = max(0, len(pipe.unet.config.get("block_out_channels") or [0]) - 1) \
-        if isinstance(pipe.unet.config, dict) else max(0, len(pipe.unet.config.block_out_channels) - 1)
-    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * 2 ** downsamples
-    return Loaded(tag, pipe, backend, int(pipe.tokenizer.model_max_length), multiple)
+        info = {"providers": ["torch"], "intra_op_num_threads": torch.get_num_threads(), "threads_from":
+                "SDLOOP_TORCH_THREADS" if threads else "cores / workers", "load_s": round(time.perf_counter() -
+                                                                                         started, 3)}
+    else:
+        from sdloop.exportload import open_export
+
+        opened = open_export(path, threads=threads or None)
+        pipe, manifest = opened.pipe, opened.manifest
+        info = {**opened.info(), **_session_facts(pipe),
+                "threads_from": "SDLOOP_TORCH_THREADS" if threads else "manifest"}
+    info["manifest_threads"] = manifest.runtime.get("intra_op_num_threads")
+    info["measured_latency"] = {k: manifest.latency.get(k) for k in ("export_s", "steps", "size", "threads")}
+    return Loaded(tag, pipe, backend, manifest, info)
+
+
+def _session_facts(pipe: Any) -> dict[str, Any]:
+    """What the UNet's onnxruntime session really got (threads, spinning), read back from the session itself."""
+    session = getattr(getattr(pipe, "unet", None), "session", None)
+    if session is None:
+        return {}
+    opts = session.get_session_options()
+    spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") \
+        if hasattr(opts, "get_session_config_entry") else None
+    return {"providers": list(session.get_providers()), "intra_op_num_threads": opts.intra_op_num_threads,
+            "inter_op_num_threads": opts.inter_op_num_threads,
+            "allow_spinning": None if spinning in (None, "") else spinning != "0"}
+
+
+def version_state(tag: str) -> tuple[Any, ...]:
+    """A cheap key of a stored version's files (path, size, mtime, inode): a refusal is retried, and logged again,
+    only when this changes (or the pointer names another version)."""
+    try:
+        full, path = model_dir(tag)
+    except Exception as e:  # noqa: BLE001 - a version that is not in the store: its own state
+        return ("missing", one_line(e))
+    files = []
+    for dirpath, _dirs, names in os.walk(path, followlinks=False):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            files.append((os.path.join(dirpath, name), st.st_size, st.st_mtime_ns, st.st_ino))
+    return (full, tuple(sorted(files)))
 
 
 class ModelHolder:
     """The worker's current champion pipeline, kept up to date by a polling thread."""
 
-    def __init__(self, name: str = MODEL_NAME, backend: str = "onnx", threads: int = 1, poll_s: float = 5.0,
-                 fallback_tag: Optional[str] = None) -> None:
+    def __init__(self, name: str = MODEL_NAME, backend: str = "onnx", threads: Optional[int] = None,
+                 poll_s: float = 5.0, fallback_tag: Optional[str] = None, max_side: int = 1024) -> None:
         self.name, self.backend, self.threads, self.poll_s = name, backend, threads, poll_s
-        self.fallback_tag = fallback_tag
+        self.fallback_tag, self.max_side = fallback_tag, max_side
         self.lock = threading.Lock()  # the pipeline: one request at a time
         self._loading = threading.Lock()  # one load at a time
         self.loaded: Optional[Loaded] = None
         self.last_error: Optional[str] = None
+        self._failed: Optional[tuple[str, Any]] = None  # (tag, version_state) of the last refused version
+        self._poll_problem: Optional[str] = None
         self._seen_mtime: Optional[int] = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="sdloop-champion-poller", daemon=True)
@@ -136,9 +221,13 @@ class ModelHolder:
         while not self._stop.is_set():
             try:
                 self.refresh()
-            except Exception as e:  # noqa: BLE001 - keep serving the current model; report why
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.exception("loading the champion failed; still serving %s", self.version)
+                self._poll_problem = None
+            except Exception as e:  # noqa: BLE001 - reading the pointer failed: keep serving, say it once
+                text = f"{type(e).__name__}: {one_line(e)}"
+                self.last_error = text
+                if text != self._poll_problem:
+                    self._poll_problem = text
+                    log.error("checking the champion failed (%s); still serving %s", text, self.version)
             self._stop.wait(self.poll_s)
 
     @property
@@ -147,26 +236,68 @@ class ModelHolder:
         return loaded.tag if loaded else None
 
     def refresh(self, force: bool = False) -> Optional[str]:
-        """Load the champion if the pointer changed (or ``force``); return the version now served."""
+        """Load the champion if the pointer changed (or ``force``); return the version now served.
+
+        A version that is refused stays refused (not loaded again, not logged again) until the pointer names another
+        version or its files change; ``force`` (POST /admin/reload) tries it again.
+        """
         with self._loading:
             mtime = pointer_mtime(self.name)
-            if not force and mtime == self._seen_mtime and self.loaded is not None:
+            if not force and mtime == self._seen_mtime and self._failed is None and self.loaded is not None:
                 return self.version
-            tag = current_champion_tag(self.name) or (self.fallback_tag if mtime is None else None)
-            if tag and tag != self.version and not (tag == self.fallback_tag and self.loaded is not None):
-                started = time.monotonic()
-                loaded = load_pipeline(tag, self.backend, self.threads)
-                self.loaded = loaded  # requests in flight keep the pipeline they took
-                log.info("serving %s (%s) after %.1f s of loading", tag, self.backend, time.monotonic() - started)
             self._seen_mtime = mtime
-            self.last_error = None
+            tag = current_champion_tag(self.name) or (self.fallback_tag if mtime is None else None)
+            if not tag or tag == self.version or (tag == self.fallback_tag and self.loaded is not None):
+                self._failed, self.last_error = None, None
+                return self.version
+            state = version_state(tag)
+            if not force and self._failed == (tag, state):
+                return self.version
+            started = time.monotonic()
+            try:
+                loaded = load_pipeline(tag, self.backend, self.threads)
+            except Exception as e:  # noqa: BLE001 - refuse the version, keep the champion, say why once
+                self._refuse(tag, state, e)
+                return self.version
+            self.loaded = loaded  # requests in flight keep the pipeline they took
+            self._failed, self.last_error = None, None
+            log.info("serving %s (%s, %s, %s intra-op thread(s) from the %s) after %.1f s of loading", loaded.tag,
+                     self.backend, ", ".join(map(str, loaded.info.get("providers", []))),
+                     loaded.info.get("intra_op_num_threads"), loaded.info.get("threads_from"),
+                     time.monotonic() - started)
             return self.version
+
+    def _refuse(self, tag: str, state: Any, error: BaseException) -> None:
+        self._failed = (tag, state)
+        self.last_error = f"{tag} was refused: {one_line(error)}"
+        serving = f"still serving {self.version}" if self.loaded else "no model is served"
+        if isinstance(error, UserError):
+            log.error("%s; %s", self.last_error, serving)
+        else:  # not a damaged export but a bug: its traceback, once per version and file state
+            log.error("%s; %s", self.last_error, serving, exc_info=error)
+
+    def info(self) -> dict[str, Any]:
+        """What GET /info answers: the served version and how it runs, and why a newer one was refused."""
+        loaded = self.loaded
+        out: dict[str, Any] = {"status": "ready" if loaded else "not_ready", "model_version": self.version,
+                               "backend": self.backend}
+        if loaded:
+            low, high, m = loaded.sides(self.max_side)
+            out.update(loaded.info)
+            out.update({"native_width": loaded.native[0], "native_height": loaded.native[1],
+                        "default_width": loaded.native[0], "default_height": loaded.native[1],
+                        "limits": {**loaded.manifest.limits, "min_side": low, "max_side": high, "side_multiple": m,
+                                   "max_tokens": loaded.max_tokens}})
+        out["last_error"] = self.last_error
+        return out
 
     def stop(self) -> None:
         self._stop.set()
 
     def generate(self, req: Any, deadline: float) -> tuple[str, list[tuple[int, Any]]]:
-        """Run one request on the current pipeline under the lock; interrupt it at ``deadline`` (monotonic)."""
+        """Run one request on the current pipeline under the lock; interrupt it at ``deadline`` (monotonic).
+
+        A request without width/height gets the model's native size; ``req`` is updated to the size drawn."""
         import torch
 
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -175,16 +306,12 @@ class ModelHolder:
             loaded = self.loaded
             if loaded is None:
                 raise NotReady(self.last_error or "no champion model is loaded yet")
-            for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            for field_name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
                 n = len(loaded.pipe.tokenizer(text, truncation=False).input_ids)
                 if n > loaded.max_tokens:
-                    raise PromptTooLong(f"{field} has {n} tokens; the text encoder takes at most "
+                    raise PromptTooLong(f"{field_name} has {n} tokens; the text encoder takes at most "
                                         f"{loaded.max_tokens}: shorten it")
-            for field, side in (("width", req.width), ("height", req.height)):
-                m = loaded.side_multiple
-                if side % m:
-                    raise SizeNotSupported(f"{field}: {loaded.tag} takes multiples of {m} pixels; got {side}, try "
-                                           f"{max(1, side // m) * m}")
+            req.width, req.height = loaded.size_for(req.width, req.height, self.max_side)
             steps = [0]
 
             def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -1,37 +1,34 @@
 """Request and response models of the service: bounds live here, so a bad request is a 400 that names the field.
 
-Limits that depend on the deployment (largest side, most steps, default deadline) come from the environment so an
-operator can raise them for a GPU without editing code; the defaults suit CPU serving.
+Limits that depend on the deployment (largest side, most steps, default deadline) come from the service's settings
+(``bento.config.ServeConfig``, read from the environment once, at import) so an operator can raise them for a GPU
+without editing code; the defaults suit CPU serving. Width and height are optional: the served model's native size
+(its manifest) fills them in, and its own limits (min/max side, multiple) are checked when it is known, in
+``bento.runtime``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from bento.config import ServeConfig
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name) or default)
-    except ValueError:
-        return default
-
-
-MAX_SIDE = _env_int("SDLOOP_MAX_SIDE", 1024)
-MAX_STEPS = _env_int("SDLOOP_MAX_STEPS", 200)
-MAX_IMAGES = _env_int("SDLOOP_MAX_IMAGES", 4)
-DEFAULT_DEADLINE_S = float(os.environ.get("SDLOOP_DEADLINE_S") or 120)
+_CONFIG = ServeConfig.from_env()
+MAX_SIDE = _CONFIG.max_side
+MAX_STEPS = _CONFIG.max_steps
+MAX_IMAGES = _CONFIG.max_images
+DEFAULT_DEADLINE_S = _CONFIG.deadline_s
 
 
 def _multiple_of_8(value: int) -> int:
     if value % 8:
-        raise ValueError(f"must be a multiple of 8 (got {value}; try {max(64, value // 8 * 8)})")
+        raise ValueError(f"must be a multiple of 8 (got {value}; try {max(8, value // 8 * 8)})")
     return value
 
 
-Side = Annotated[int, Field(ge=64, le=MAX_SIDE), AfterValidator(_multiple_of_8)]
+Side = Annotated[int, Field(ge=8, le=MAX_SIDE), AfterValidator(_multiple_of_8)]
 
 
 class Txt2ImgRequest(BaseModel):
@@ -43,8 +40,10 @@ class Txt2ImgRequest(BaseModel):
     negative_prompt: Annotated[str, Field(max_length=4000, description="What not to draw.")] = ""
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description="Denoising steps.")] = 20
     guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, description="Classifier-free guidance.")] = 7.5
-    width: Annotated[Side, Field(description="Image width in pixels, a multiple of 8.")] = 256
-    height: Annotated[Side, Field(description="Image height in pixels, a multiple of 8.")] = 256
+    width: Annotated[Optional[Side], Field(description="Image width in pixels; default: the model's native width "
+                                                       "(GET /info), which its limits may restrict further.")] = None
+    height: Annotated[Optional[Side], Field(description="Image height in pixels; default: the model's native "
+                                                        "height.")] = None
     seed: Annotated[Optional[int], Field(ge=0, lt=2**63, description="Seed; random when absent, always "
                                                                       "returned.")] = None
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES, description="Images to generate (seed, seed+1, ...).")] \

@@ -1,10 +1,10 @@
-"""The sdloop service: txt2img from the champion, every generation logged, feedback stored, admin reload.
+"""The sdloop service: txt2img from the champion, every generation logged, feedback stored, admin reload, GET /info.
 
-``bentoml serve`` from the repo root (or ``sdloop serve``). Settings come from the environment so a container is
-configured without code: SDLOOP_HOME / BENTOML_HOME (model store and champion pointer), SDLOOP_STORE_URL (PostgreSQL
-for several replicas), SDLOOP_WORKERS (default: cores) and SDLOOP_THREADS, SDLOOP_TORCH_THREADS (per worker),
-SDLOOP_BACKEND (onnx, or pytorch as the fallback), SDLOOP_POLL_S (how often a worker checks for a new champion),
-SDLOOP_ADMIN_TOKEN, SDLOOP_IMAGE_DIR, SDLOOP_DEADLINE_S, SDLOOP_MODEL_TAG (served when no champion pointer exists).
+``bentoml serve`` from the repo root (or ``sdloop serve``, which checks the settings, the store and the port first).
+Settings come from the environment so a container is configured without code; ``bento.config.ServeConfig`` reads
+and checks them (SDLOOP_WORKERS, SDLOOP_THREADS, SDLOOP_TORCH_THREADS, SDLOOP_BACKEND, SDLOOP_POLL_S,
+SDLOOP_DEADLINE_S, SDLOOP_MAX_*, SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN, SDLOOP_MODEL_TAG), and
+SDLOOP_HOME / BENTOML_HOME name the model store and champion pointer.
 """
 
 from __future__ import annotations
@@ -18,26 +18,37 @@ use_bentoml_home()
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import bentoml  # noqa: E402 - after BENTOML_HOME
+from starlette.applications import Starlette  # noqa: E402
+from starlette.routing import Route  # noqa: E402
 
+from bento.config import ServeConfig  # noqa: E402
 from bento.schemas import FeedbackRequest, FeedbackResponse, Txt2ImgRequest, Txt2ImgResponse  # noqa: E402
 from sdloop.champion import current_champion_tag  # noqa: E402
 
-CORES = os.cpu_count() or 1
-WORKERS = int(os.environ.get("SDLOOP_WORKERS") or CORES)
+CONFIG = ServeConfig.from_env()  # workers and request threads are fixed when the class is declared
 
 
-@bentoml.service(name="sdloop", workers=WORKERS, threads=int(os.environ.get("SDLOOP_THREADS") or 8),
-                 traffic={"timeout": 3700})
+def _info(request: Any) -> Any:
+    from bento import handlers  # the handlers (and the metrics they register) load in the workers only
+
+    return handlers.info(request)
+
+
+_INFO = Starlette(routes=[Route("/info", _info, methods=["GET"])])  # GET: BentoML's own APIs are all POST
+
+
+@bentoml.asgi_app(_INFO, path="/")
+@bentoml.service(name="sdloop", workers=CONFIG.workers, threads=CONFIG.threads, traffic={"timeout": 3700})
 class SDService:
     def __init__(self) -> None:
         from bento.runtime import ModelHolder, configure_threads
         from monitor.store import open_store
 
-        threads = configure_threads(int(os.environ.get("SDLOOP_TORCH_THREADS") or max(1, CORES // WORKERS)))
-        self.store = open_store()
-        self.model = ModelHolder(backend=os.environ.get("SDLOOP_BACKEND", "onnx"), threads=threads,
-                                 poll_s=float(os.environ.get("SDLOOP_POLL_S") or 5),
-                                 fallback_tag=os.environ.get("SDLOOP_MODEL_TAG") or None)
+        self.config = cfg = ServeConfig.from_env()  # this worker's settings, read once
+        configure_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers))
+        self.store = open_store(cfg.resolved_store_url())
+        self.model = ModelHolder(backend=cfg.backend, threads=cfg.torch_threads or None, poll_s=cfg.poll_s,
+                                 fallback_tag=cfg.model_tag or None, max_side=cfg.max_side)
 
     def __is_ready__(self) -> bool:
         return self.model.loaded is not None
@@ -48,18 +59,18 @@ class SDService:
 
     @bentoml.api(route="/txt2img", input_spec=Txt2ImgRequest)
     def txt2img(self, **params: Any) -> bytes:
-        """One image as image/png; generation id, seed and model version in X-Generation-Id, X-Seed,
-        X-Model-Version."""
+        """One image as image/png (default size: the model's native one); generation id, seed and model version in
+        X-Generation-Id, X-Seed, X-Model-Version."""
         from bento import handlers
 
-        return handlers.txt2img(self.model, self.store, params, png=True)
+        return handlers.txt2img(self.model, self.store, params, png=True, config=self.config)
 
     @bentoml.api(route="/txt2img_json", input_spec=Txt2ImgRequest)
     def txt2img_json(self, **params: Any) -> Txt2ImgResponse:
         """Images as base64 PNG, each with its generation id and seed, and the model version."""
         from bento import handlers
 
-        return handlers.txt2img(self.model, self.store, params, png=False)
+        return handlers.txt2img(self.model, self.store, params, png=False, config=self.config)
 
     @bentoml.api(route="/feedback", input_spec=FeedbackRequest)
     def feedback(self, ctx: bentoml.Context, **params: Any) -> FeedbackResponse:
@@ -73,11 +84,11 @@ class SDService:
         """Load the current champion now (Authorization: Bearer $SDLOOP_ADMIN_TOKEN)."""
         from bento import handlers
 
-        return handlers.with_status(ctx, handlers.admin_reload(self.model, ctx.request))
+        return handlers.with_status(ctx, handlers.admin_reload(self.model, ctx.request, self.config.admin_token))
 
 
 # `bentoml build` imports this module: the champion of the workspace's store goes into the Bento with it (served from
 # there when the container has no champion pointer: SDLOOP_MODEL_TAG=sdloop:latest in bentofile.yaml).
 _packed = current_champion_tag()
-if _packed and os.environ.get("SDLOOP_PACK_CHAMPION", "1") != "0":
+if _packed and CONFIG.pack_champion:
     SDService.models.append(bentoml.models.BentoModel(_packed))
