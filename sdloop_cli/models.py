@@ -137,7 +137,12 @@ def cmd_models_history(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the champion with `bentoml serve` from the repo root, on the workspace's model store and monitoring store.
-    The process becomes the BentoML server (exec), so its PID is the server's and Ctrl-C or SIGTERM stops it."""
+    The process becomes the BentoML server (exec), so its PID is the server's and Ctrl-C or SIGTERM stops it.
+
+    Before that it checks what would otherwise fail in every worker, over and over: the service's settings
+    (``ServeConfig``, from the environment), the monitoring store (opened once) and the port (bound for a moment);
+    each problem is one line and exit 2. The store URL is printed with its password masked."""
+    from bento.config import ServeConfig, check_port, check_store
     from sdloop.workspace import home, use_bentoml_home
 
     root = Path(__file__).resolve().parent.parent
@@ -146,20 +151,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "`bentoml serve sdloop:latest` instead.")
     for flag, value, low in (("--workers", args.workers, 0), ("--threads", args.threads, 1),
                              ("--torch-threads", args.torch_threads, 0), ("--port", args.port, 1)):
-        if value < low or (flag == "--port" and value > 65535):
+        if value is not None and (value < low or (flag == "--port" and value > 65535)):
             raise UserError(f"{flag} {value} is out of range: use an integer >= {low}"
                             f"{' and <= 65535' if flag == '--port' else ''}.")
     os.environ["SDLOOP_HOME"] = str(home())
     use_bentoml_home()
-    os.environ.update({"SDLOOP_WORKERS": str(args.workers or os.cpu_count() or 1), "SDLOOP_THREADS": str(args.threads),
-                       "SDLOOP_BACKEND": args.backend})
-    if args.torch_threads:
-        os.environ["SDLOOP_TORCH_THREADS"] = str(args.torch_threads)
+    flags = {"SDLOOP_WORKERS": args.workers, "SDLOOP_THREADS": args.threads,
+             "SDLOOP_TORCH_THREADS": args.torch_threads, "SDLOOP_BACKEND": args.backend}  # a flag given wins
+    os.environ.update({key: str(value) for key, value in flags.items() if value is not None})
+    cfg = ServeConfig.from_env()
+    store = check_store(cfg)
+    check_port(args.host, args.port)
     argv = [sys.executable, "-m", "bentoml", "serve", "bento.service:SDService", "--host", args.host,
             "--port", str(args.port), "--working-dir", str(root)]
+    threads = cfg.torch_threads or ("the export's" if cfg.backend == "onnx" else "cores / workers")
     print(f"serving the champion of {os.environ['BENTOML_HOME']} on http://{args.host}:{args.port} "
-          f"({os.environ['SDLOOP_WORKERS']} worker(s), {args.backend}); store: "
-          f"{os.environ.get('SDLOOP_STORE_URL') or home() / 'monitor.db'}", flush=True)
+          f"({cfg.workers} worker(s), {cfg.backend}, intra-op threads per worker: {threads}); store: {store}",
+          flush=True)
     os.chdir(root)
     os.execv(argv[0], argv)
     return 0  # not reached
@@ -216,10 +224,13 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", help="serve the champion over HTTP with BentoML (txt2img, feedback, /metrics)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
-    p.add_argument("--workers", type=int, default=0, help="worker processes, one pipeline each (default: cores)")
-    p.add_argument("--threads", type=int, default=8, help="request threads per worker (default 8)")
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch/onnxruntime threads per worker (default: cores / workers)")
-    p.add_argument("--backend", choices=("onnx", "pytorch"), default="onnx",
+    p.add_argument("--workers", type=int, default=None, help="worker processes, one pipeline each (default: "
+                   "$SDLOOP_WORKERS, else one per core)")
+    p.add_argument("--threads", type=int, default=None, help="request threads per worker (default: $SDLOOP_THREADS, "
+                   "else 8)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="onnxruntime/torch intra-op threads per worker (default: the export's own, from its "
+                   "manifest; pytorch backend: cores / workers)")
+    p.add_argument("--backend", choices=("onnx", "pytorch"), default=None,
                    help="onnx: the exported onnxruntime pipeline; pytorch: the source run's pipeline (fallback)")
     p.set_defaults(func=cmd_serve)
