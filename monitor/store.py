@@ -17,8 +17,14 @@ changes nothing.
 
 Every query of the monitoring database lives in this module and its helpers (``store_schema``: tables and
 migrations; ``store_engine``: engines, private sqlite files, database locks; ``store_reads``: what reports and the
-retraining data read; ``store_log``: the retraining log and the scheduler's job runs), behind the one public class
-``Store`` and its named methods: no other module imports SQLAlchemy or the tables (a test checks it).
+retraining data read; ``store_log``: the retraining log and the scheduler's job runs; ``store_keys``: API keys),
+behind the one public class ``Store`` and its named methods: no other module imports SQLAlchemy or the tables (a test
+checks it).
+
+API keys (schema version 4, ``monitor/store_keys.py`` says how they are made, hashed and used): ``create_key``,
+``list_keys``, ``find_key``, ``revoke_key`` for ``sdloop keys``; ``key_for(presented)`` (the active key record or
+None), ``may_rate(key, generation_id)`` and ``key_made_generation(key_id, generation_id)`` for the service; and
+``log_generation`` / ``add_feedback`` take the ``api_key_id`` of the key behind the request (None without keys).
 """
 
 from __future__ import annotations
@@ -32,23 +38,32 @@ from typing import Any, Optional
 import sqlalchemy as sa
 
 from monitor.store_engine import StoreError, advisory_lock, make_engine, private_sqlite_file
+from monitor.store_keys import SCOPES, ApiKey, ApiKeyError, _KeyQueries
 from monitor.store_log import _LogQueries
 from monitor.store_reads import _ReportQueries
-from monitor.store_schema import (MIGRATIONS, SCHEMA_VERSION, _now, _stamp, _utc, _versions, failures, feedback,
-                                  generations, job_runs, metadata, reference_windows, retrain_steps, retrains)
+from monitor.store_schema import (MIGRATIONS, SCHEMA_VERSION, _now, _stamp, _utc, _versions, api_keys, failures,
+                                  feedback, generations, job_runs, metadata, reference_windows, retrain_steps,
+                                  retrains)
+from sdloop.errors import UserError
 
 # The tables are re-exported for tests that write rows as an old release or another process would; modules outside
 # monitor/store*.py use Store's named methods (tests/test_store.py checks it).
-__all__ = ["Store", "StoreError", "UnknownGeneration", "open_store", "make_engine", "advisory_lock",
-           "private_sqlite_file", "MIGRATIONS", "SCHEMA_VERSION", "metadata", "generations", "feedback", "failures",
-           "reference_windows", "retrains", "retrain_steps", "job_runs"]
+__all__ = ["Store", "StoreError", "UnknownGeneration", "FeedbackOfAnotherKey", "ApiKey", "ApiKeyError", "SCOPES",
+           "open_store", "make_engine", "advisory_lock", "private_sqlite_file", "MIGRATIONS", "SCHEMA_VERSION",
+           "metadata", "generations", "feedback", "failures", "reference_windows", "retrains", "retrain_steps",
+           "job_runs", "api_keys"]
 
 
 class UnknownGeneration(KeyError):
     """Feedback names a generation id the store has never logged (the service answers 404)."""
 
 
-class Store(_ReportQueries, _LogQueries):
+class FeedbackOfAnotherKey(UserError):
+    """Feedback would replace a row another API key wrote (the same client id under another key, or a row written
+    without a key): refused, so one key can never overwrite another's rating (the service answers 409)."""
+
+
+class Store(_ReportQueries, _LogQueries, _KeyQueries):
     """The monitoring database: the generation log, feedback, failures, frozen reference windows, the retraining log
     and the scheduler's job runs, each read and written through a named method. Thread-safe; open one per process."""
 
@@ -96,15 +111,18 @@ class Store(_ReportQueries, _LogQueries):
 
     def log_generation(self, *, prompt: str, negative_prompt: str, params: dict[str, Any], model_version: str,
                        latency_s: float, descriptors: dict[str, float], image_path: Optional[str] = None,
-                       generation_id: Optional[str] = None, created: Optional[dt.datetime] = None) -> str:
+                       generation_id: Optional[str] = None, created: Optional[dt.datetime] = None,
+                       api_key_id: Optional[int] = None) -> str:
         """Record one generated image; return its id. Committed before this returns. ``created`` (default now) is
-        for imports and simulations of past traffic."""
+        for imports and simulations of past traffic. ``api_key_id``: the key that asked for it (``ApiKey.id``; None
+        without keys), which ``may_rate`` and the retraining data's rater identity read."""
         gid = generation_id or str(uuid.uuid4())
+        extra = {} if api_key_id is None else {"api_key_id": int(api_key_id)}
         with self.engine.begin() as conn:
             conn.execute(generations.insert().values(
                 id=gid, created=_stamp(created), prompt=prompt, negative_prompt=negative_prompt or "", params=params,
                 model_version=model_version, latency_s=float(latency_s), descriptors=descriptors,
-                image_path=image_path))
+                image_path=image_path, **extra))
         return gid
 
     def log_failure(self, endpoint: str, kind: str, message: str, model_version: Optional[str] = None,
@@ -116,28 +134,41 @@ class Store(_ReportQueries, _LogQueries):
 
     def add_feedback(self, generation_id: str, client_id: str, rating: Optional[int] = None,
                      thumbs: Optional[int] = None, comment: Optional[str] = None,
-                     tags: Optional[list[str]] = None, created: Optional[dt.datetime] = None) -> dict[str, Any]:
-        """Store a client's feedback on a generation: a repeat from the same client updates its row. Returns the row
-        and whether it was created. Raises UnknownGeneration for an id never logged. Committed before this returns."""
+                     tags: Optional[list[str]] = None, created: Optional[dt.datetime] = None,
+                     api_key_id: Optional[int] = None) -> dict[str, Any]:
+        """Store a client's feedback on a generation: a repeat from the same client (and the same key) updates its
+        row. Returns the row and whether it was created. Raises UnknownGeneration for an id never logged, and
+        FeedbackOfAnotherKey when the (generation, client) row was written under another key or without one: a
+        key never replaces another's rating. ``api_key_id``: the key that sent it (None without keys); the service
+        checks ``may_rate`` first. Committed before this returns."""
         now = _stamp(created)
         values = {"generation_id": generation_id, "client_id": client_id, "rating": rating, "thumbs": thumbs,
                   "comment": comment, "tags": list(tags or []), "created": now, "updated": now}
+        if api_key_id is not None:
+            values["api_key_id"] = int(api_key_id)
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
         stmt = insert(feedback).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["generation_id", "client_id"],
+        same_key = feedback.c.api_key_id.is_(None) if api_key_id is None else feedback.c.api_key_id == int(api_key_id)
+        stmt = stmt.on_conflict_do_update(  # the WHERE: a concurrent row of another key is left alone
+            index_elements=["generation_id", "client_id"], where=same_key,
             set_={k: stmt.excluded[k] for k in ("rating", "thumbs", "comment", "tags", "updated")})
         mine = (feedback.c.generation_id == generation_id) & (feedback.c.client_id == client_id)
         with self.engine.begin() as conn:
             if conn.execute(sa.select(generations.c.id).where(generations.c.id == generation_id)).first() is None:
                 raise UnknownGeneration(generation_id)
-            existed = conn.execute(sa.select(feedback.c.id).where(mine)).first() is not None
+            before = conn.execute(sa.select(feedback.c.id, feedback.c.api_key_id).where(mine)).first()
+            if before is not None and before.api_key_id != api_key_id:
+                raise FeedbackOfAnotherKey(f"client {client_id!r} already rated generation {generation_id} under "
+                                           "another key; send another client id.")
             conn.execute(stmt)
             row = conn.execute(sa.select(feedback).where(mine)).mappings().one()
-        return {**self._row(row), "updated_existing": existed}
+        if row["api_key_id"] != api_key_id:  # another key's row appeared between the check and the upsert
+            raise FeedbackOfAnotherKey(f"client {client_id!r} already rated generation {generation_id} under "
+                                       "another key; send another client id.")
+        return {**self._row(row), "updated_existing": before is not None}
 
     # -- reads ----------------------------------------------------------------------------------------------------
 

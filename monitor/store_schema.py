@@ -3,6 +3,11 @@
 Part of ``monitor.store`` (split out to keep each module readable): only the store's modules (``monitor/store*.py``)
 import these tables; every other module goes through ``monitor.store.Store``'s named methods, so every query of the
 monitoring database is in one place (a test checks it).
+
+A column added by a later migration is declared on its table with ``info={"since": N}`` so the queries can name it,
+and ``_create`` builds a table as the migration that first made it did (without the later columns): version 1 run
+today creates exactly what version 1 created in its release, and the migration that adds the column adds it to old
+and new databases alike.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Callable, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 metadata = sa.MetaData()
 
@@ -26,6 +32,8 @@ generations = sa.Table(
     sa.Column("latency_s", sa.Float, nullable=False),
     sa.Column("descriptors", sa.JSON, nullable=False),
     sa.Column("image_path", sa.Text, nullable=True),
+    # version 4: the API key that asked for it (NULL: keys were off, or a row from before version 4)
+    sa.Column("api_key_id", sa.Integer, nullable=True, info={"since": 4}),
 )
 
 feedback = sa.Table(
@@ -39,6 +47,8 @@ feedback = sa.Table(
     sa.Column("tags", sa.JSON, nullable=False),
     sa.Column("created", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated", sa.DateTime(timezone=True), nullable=False, index=True),
+    # version 4: the API key that sent it (NULL: keys were off, or a row from before version 4)
+    sa.Column("api_key_id", sa.Integer, nullable=True, info={"since": 4}),
     sa.UniqueConstraint("generation_id", "client_id", name="uq_feedback_generation_client"),
 )
 
@@ -101,10 +111,39 @@ job_runs = sa.Table(
 )
 
 
+# Version 4: API keys. Only the SHA-256 of a key is kept (see monitor/store_keys.py); keys are revoked, never
+# deleted, so an ``api_key_id`` in the generation log always names a row here and a name is never reused.
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.JSON, nullable=False),
+    sa.Column("rate_limit_per_min", sa.Integer, nullable=True),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+def _since(column: sa.Column) -> int:
+    return int(column.info.get("since", 1))
+
+
+def _create(conn: Connection, table: sa.Table, version: int) -> None:
+    """Create ``table`` as schema version ``version`` had it: only its columns (and indexes) of that version or
+    older, so a migration run today builds what it built in its own release."""
+    ddl = CreateTable(table)
+    ddl.columns = [c for c in ddl.columns if _since(c.element) <= version]
+    conn.execute(ddl)
+    for index in sorted(table.indexes, key=lambda i: str(i.name)):
+        if all(_since(c) <= version for c in index.columns):
+            conn.execute(CreateIndex(index))
+
+
 def _v1(conn: Connection) -> None:
     """Version 1: the generation log and the feedback table."""
-    generations.create(conn)
-    feedback.create(conn)
+    _create(conn, generations, 1)
+    _create(conn, feedback, 1)
 
 
 def _v2(conn: Connection) -> None:
@@ -116,11 +155,20 @@ def _v2(conn: Connection) -> None:
 def _v3(conn: Connection) -> None:
     """Version 3: failed requests, frozen reference windows, the retraining log and the scheduler's job results."""
     for table in (failures, reference_windows, retrains, retrain_steps, job_runs):
-        table.create(conn)
+        _create(conn, table, 3)
 
 
-# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit an applied one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: Connection) -> None:
+    """Version 4: API keys (stored hashed), and the key behind each generation and feedback row (NULL for rows
+    written without keys). Plain ``ADD COLUMN`` of a nullable column: instant on both backends, rows kept."""
+    _create(conn, api_keys, 4)
+    for table in (generations, feedback):
+        conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN api_key_id INTEGER"))
+
+
+# Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit an applied one (``_create``
+# keeps what each one builds as it was).
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _versions = sa.Table("schema_version", sa.MetaData(),

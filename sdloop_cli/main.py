@@ -2,7 +2,7 @@
 errors into one clear line and an exit code; the work itself lives in the stage packages.
 
 The commands live beside this module by what they drive (``data``, ``train``, ``evaluation``, ``models``, ``monitor``,
-``demo``); this package is the only one that imports the stages, and no other package imports it.
+``keys``, ``demo``); this package is the only one that imports the stages, and no other package imports it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from sdloop_cli import data, demo, evaluation, models, monitor, train
+from sdloop_cli import data, demo, evaluation, keys, models, monitor, train
 from sdloop_cli.train import build_train_config  # noqa: F401 - re-exported: part of the CLI API
 from sdloop.errors import UserError, one_line
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "From a folder of images to a fine-tuned Stable Diffusion model in production: check data, train, search, "
         "evaluate, export, serve, monitor and retrain. Every command works offline on local diffusers folders."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (data, train, evaluation, models, monitor, demo):
+    for module in (data, train, evaluation, models, monitor, keys, demo):
         module.add_parsers(sub, parser)
     return parser
 

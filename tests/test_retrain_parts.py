@@ -125,9 +125,14 @@ def test_an_existing_version_2_store_migrates_keeping_its_rows(tmp_path: Path) -
         for version in (1, 2):
             MIGRATIONS[version - 1](conn)
             conn.execute(_versions.insert().values(version=version, applied=dt.datetime.now(dt.timezone.utc)))
-    gid = old.log_generation(prompt="a red circle", negative_prompt="", params={}, model_version="sdloop:a",
-                             latency_s=0.1, descriptors={})
-    old.add_feedback(gid, "alice", rating=4)
+        # its rows, as that release's SQL wrote them (today's methods name columns of later versions)
+        from monitor.store import feedback, generations
+
+        now, gid = dt.datetime.now(dt.timezone.utc), "00000000-0000-0000-0000-000000000001"
+        conn.execute(generations.insert().values(id=gid, created=now, prompt="a red circle", negative_prompt="",
+                                                 params={}, model_version="sdloop:a", latency_s=0.1, descriptors={}))
+        conn.execute(feedback.insert().values(generation_id=gid, client_id="alice", rating=4, tags=[], created=now,
+                                              updated=now))
     old.close()
     new = Store(url)
     assert new.schema_version() == SCHEMA_VERSION >= 3
