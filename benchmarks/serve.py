@@ -1,8 +1,18 @@
-"""Benchmark: a real `sdloop serve` on 127.0.0.1 under a bounded load, one configuration after another.
+"""Benchmark: a real `sdloop serve` on 127.0.0.1, first against the export's own latency, then under a bounded load.
 
     python benchmarks/serve.py [--home WORKSPACE] [--requests 160] [--clients 8] [--size 128] [--steps 10]
+    python benchmarks/serve.py --native-only [--native-requests 30]
 
-Configurations, side by side: 1 worker with default threads (torch/onnxruntime on every core), 1 worker with 1
+First, the service against the export (what the gate judged): one worker with the export's own runtime (its
+manifest's threads), one client, ``--native-requests`` requests at the model's native size with no size given, the
+steps and guidance the export measured at; the median latency the service reports (X-Latency-S: from the request
+reaching the handler to the images, lock and checks included) and the client's round trip (PNG encoding, logging and
+HTTP too), each side by side with the manifest's ``latency.export_s`` and the ratio (goal: within 10%). The export is
+also timed again in this process (the same loader and call as the export's own measurement), alternating with the
+requests: the manifest's figure was taken whenever the export ran, and on a shared machine that alone moves it by
+half; the ratio against the figure taken now, under the same load, is the one that says what serving costs.
+
+Then configurations, side by side: 1 worker with default threads (torch/onnxruntime on every core), 1 worker with 1
 thread, and N workers (N = cores) of 1 thread each. Each: start the server, wait for /readyz, 2 warm-up requests per
 worker, then ``--requests`` txt2img_json requests from ``--clients`` concurrent clients; throughput, p50/p95/p99
 latency and errors. Then 500 concurrent feedback posts (32 clients) against the N-worker server and the rows the store
@@ -60,7 +70,8 @@ def build_champion(root: Path) -> Path:
     base, data, run = write_tiny_base(root / "base"), make_synthetic_dataset(root / "data", n=24, seed=0), root / "run"
     train(TrainConfig.from_dict({**tiny_overrides(), "base": str(base), "data": str(data), "output": str(run),
                                  "max_steps": 8, "early_stopping_patience": 0}), progress=False)
-    build_export(run, root / "export", ExportConfig(steps=2, reps=1, prompts=["a red circle"]), progress=False)
+    # 20 steps, as a request: the latency the export records is measured at these steps and its native size
+    build_export(run, root / "export", ExportConfig(steps=20, reps=1, prompts=["a red circle"]), progress=False)
     registry.promote(registry.publish(root / "export")[0], "benchmark")
     return root / "home"
 
@@ -103,6 +114,77 @@ class Server:
                 self.proc.wait()
 
 
+def _direct(home: Path, info: dict[str, Any]) -> Any:
+    """A callable that generates one image with the served version opened by the one loader in this process, as the
+    export measured it (the same runtime, torch threads and call): the export's latency measured again now."""
+    import torch
+
+    os.environ.update({"SDLOOP_HOME": str(home), "BENTOML_HOME": str(home / "bentoml")})
+    from bento.runtime import model_dir
+    from sdloop.exportload import open_export
+
+    m = info["measured_latency"]
+    torch.set_num_threads(int(m["threads"] or info["manifest_threads"] or 1))
+    pipe = open_export(model_dir(info["model_version"])[1]).pipe
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pipe("a red circle", num_inference_steps=m["steps"], height=m["size"], width=m["size"],
+                 guidance_scale=m.get("guidance_scale") or 7.5, generator=torch.Generator().manual_seed(0),
+                 output_type="np")
+        return time.perf_counter() - t0
+
+    return once
+
+
+def native_vs_export(home: Path, store_url: str, requests: int) -> dict[str, Any]:
+    """The service at the model's native size against the latency its export measured, as one client sees it; the
+    export is also timed again here, alternating with the requests, so a busy machine slows both alike."""
+    server = Server(home, store_url, 1, 0)
+    try:
+        with urllib.request.urlopen(server.url + "/info", timeout=30) as r:
+            info = json.loads(r.read())
+        measured = info["measured_latency"]
+        direct = _direct(home, info)
+        body = {"prompt": "a red circle", "steps": measured["steps"], "seed": 0}  # no size: the native one
+        if measured.get("guidance_scale") is not None:
+            body["guidance_scale"] = measured["guidance_scale"]
+        served, round_trip, now = [], [], []
+        for i in range(3 + requests):  # 3 warm-up rounds: first runs allocate
+            req = urllib.request.Request(server.url + "/txt2img", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=600) as r:
+                r.read()
+                latency = float(r.headers["X-Latency-S"])
+            wall = time.perf_counter() - t0
+            again = direct()
+            if i >= 3:
+                served.append(latency)
+                round_trip.append(wall)
+                now.append(again)
+    finally:
+        server.stop()
+    return {"info": info, "export_s": float(measured["export_s"]), "now_s": statistics.median(now),
+            "served_s": statistics.median(served), "round_trip_s": statistics.median(round_trip),
+            "requests": requests}
+
+
+def print_native(r: dict[str, Any]) -> None:
+    info, m = r["info"], r["info"]["measured_latency"]
+    print(f"\nthe service against its export: {info['model_version']} at its native {info['native_width']}x"
+          f"{info['native_height']}, {m['steps']} steps, guidance {m.get('guidance_scale')}, "
+          f"{', '.join(info['providers'])}, {info['intra_op_num_threads']} intra-op thread(s) (manifest: "
+          f"{info['manifest_threads']}), medians of {r['requests']} sequential requests")
+    print(f"{'latency per image':46s} {'s':>8s} {'vs manifest':>12s} {'vs now':>8s}")
+    for label, key in (("export, as its manifest records (export_s)", "export_s"),
+                       ("export, timed again now (same loader)", "now_s"),
+                       ("service (X-Latency-S: handler to images)", "served_s"),
+                       ("client round trip (PNG, logging, HTTP too)", "round_trip_s")):
+        print(f"{label:46s} {r[key]:8.4f} {r[key] / r['export_s']:12.2f} {r[key] / r['now_s']:8.2f}")
+
+
 def load(url: str, body: dict, requests: int, clients: int) -> dict[str, Any]:
     """Send ``requests`` requests from ``clients`` threads; throughput and latency percentiles."""
     def one(_: int) -> tuple[int, float]:
@@ -128,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--feedback", type=int, default=500)
+    p.add_argument("--native-requests", type=int, default=30, help="requests of the service-vs-export comparison")
+    p.add_argument("--native-only", action="store_true", help="only the service-vs-export comparison")
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         home = args.home.resolve() if args.home else build_champion(Path(tmp))
         store_url = f"sqlite:///{Path(tmp) / 'bench-monitor.db'}"
+        print_native(native_vs_export(home, store_url, args.native_requests))
+        if args.native_only:
+            return 0
         body = {"prompt": "a red circle on a blue background", "steps": args.steps, "width": args.size,
                 "height": args.size, "seed": 0}
         configs = [("1 worker, default threads", 1, 0), ("1 worker, 1 thread", 1, 1),

@@ -164,7 +164,8 @@ def load_pipeline(tag: str, backend: str, threads: Optional[int] = None) -> Load
         info = {**opened.info(), **_session_facts(pipe),
                 "threads_from": "SDLOOP_TORCH_THREADS" if threads else "manifest"}
     info["manifest_threads"] = manifest.runtime.get("intra_op_num_threads")
-    info["measured_latency"] = {k: manifest.latency.get(k) for k in ("export_s", "steps", "size", "threads")}
+    info["measured_latency"] = {**{k: manifest.latency.get(k) for k in ("export_s", "steps", "size", "threads")},
+                                "guidance_scale": (manifest.extra.get("checks") or {}).get("guidance_scale")}
     return Loaded(tag, pipe, backend, manifest, info)
 
 

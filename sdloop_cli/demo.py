@@ -69,6 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         loop_turn(concept, args.quiet, first=7, total=TOTAL, steps=args.steps)
     print("      serve it yourself (Ctrl-C stops the server):")
     print("      sdloop serve --port 3000")
+    print("      curl -s localhost:3000/info        # the version served, its native size (the default), providers")
     print("      curl -s -X POST localhost:3000/txt2img -H 'Content-Type: application/json' "
           f"-d '{{\"prompt\": \"{_demo_prompt(concept)}\", \"seed\": 0}}' -D - -o image.png")
     print("      curl -s -X POST localhost:3000/feedback -H 'Content-Type: application/json' "

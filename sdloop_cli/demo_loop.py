@@ -105,7 +105,7 @@ def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
     ratings = []
     for i, prompt in enumerate(prompts):
         code, body = _call(url + "/txt2img_json", {"prompt": prompt, "seed": seed + i, "steps": STEPS,
-                                                   "width": 64, "height": 64, "guidance_scale": 5.0})
+                                                   "guidance_scale": 5.0})  # the model's native size
         if code != 200:
             raise UserError(f"the demo's server answered {code} to txt2img: {str(body)[:200]}")
         img = body["images"][0]
@@ -138,7 +138,10 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
     print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})")
     with served(log) as url:
         champion = current_champion_tag()
-        print(f"      {url} serves {champion}")
+        code, info = _call(url + "/info", timeout=10)
+        how = "" if code != 200 else (f" ({info['native_width']}x{info['native_height']} by default, "
+                                      f"{', '.join(info['providers'])}, {info['intra_op_num_threads']} thread(s))")
+        print(f"      {url} serves {champion}{how}   (GET {url}/info)")
         yesterday = wave(url, eval_captions(WAVE, 7), seed=100, client="yesterday")
         today_started = dt.datetime.now(dt.timezone.utc)
         today = wave(url, eval_captions(WAVE, 8, concept=concept), seed=200, client="today")
@@ -159,7 +162,7 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 code, body = _call(url + "/txt2img_json", {"prompt": eval_captions(1, 9, concept=concept)[0],
-                                                           "steps": 2, "width": 64, "height": 64})
+                                                           "steps": 2})
                 if code == 200 and body["model_version"] == outcome.challenger:
                     print(f"      the running service now serves {outcome.challenger}")
                     break
