@@ -113,20 +113,12 @@ def configure_threads(threads: int) -> int:
 
 
 def model_dir(tag: str) -> tuple[str, Path]:
-    """The full tag and folder of a stored version: the workspace's model store first, then BentoML's own (inside a
-    built Bento that is the Bento's models, which carry the champion it was built with)."""
-    from bentoml._internal.models import ModelStore
-    from bentoml.exceptions import NotFound
+    """The full tag and folder of a stored version, through BentoML's public API (``sdloop.modelstore``): the
+    workspace's store under ``sdloop serve``, the Bento's own models inside a built Bento. A missing or unreadable
+    version is ``sdloop.modelstore.StoreError`` (one line)."""
+    from sdloop.modelstore import version_path
 
-    from sdloop.workspace import use_bentoml_home
-
-    try:
-        model = ModelStore(str(use_bentoml_home() / "models")).get(tag)
-    except NotFound:
-        import bentoml
-
-        model = bentoml.models.get(tag)
-    return str(model.tag), Path(model.path)
+    return version_path(tag)
 
 
 def load_pipeline(tag: str, backend: str, threads: Optional[int] = None) -> Loaded:

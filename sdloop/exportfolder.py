@@ -37,9 +37,11 @@ SCHEMA = 2
 # the scheduler config. vae_encoder is optional (img2img only).
 REQUIRED = ("model_index.json", "unet/model.onnx", "text_encoder/model.onnx", "vae_decoder/model.onnx",
             "tokenizer/", "scheduler/")
-# Not part of the hashed content: the manifest (it holds the table), the marker, and TensorRT's engine cache, which
-# onnxruntime writes beside the graphs when a session starts.
-UNHASHED = (MANIFEST, MARKER)
+# Not part of the hashed content: the manifest (it holds the table), the marker, BentoML's record of a stored version
+# (``model.yaml``, written by the store beside the export's files), and TensorRT's engine cache, which onnxruntime
+# writes beside the graphs when a session starts.
+BENTOML_RECORD = "model.yaml"
+UNHASHED = (MANIFEST, MARKER, BENTOML_RECORD)
 RUNTIME_DIRS = ("trt_cache",)
 
 
@@ -154,9 +156,11 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return {rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in sorted(files.items())}
 
 
-def _state_key(export_id: str, files: dict[str, Path]) -> str:
-    """A key of the files' state: any change of size, mtime, ctime or inode makes a new key (and a new check)."""
-    h = hashlib.sha256(export_id.encode())
+def _state_key(manifest_bytes: bytes, files: dict[str, Path]) -> str:
+    """A key of the files' state: any change of the manifest's content or of a file's size, mtime, ctime or inode
+    makes a new key (and a new check). The manifest is in the key because it holds the table the files are checked
+    against: a manifest replaced after a passed check must be checked again."""
+    h = hashlib.sha256(hashlib.sha256(manifest_bytes).digest())
     for rel, p in sorted(files.items()):
         st = p.stat()
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
@@ -245,7 +249,10 @@ class ExportFolder:
         """
         m = self.manifest()
         files, walk_problems = _walk(self.path)
-        key = None if walk_problems else _state_key(m.export_id, files)
+        try:
+            key = None if walk_problems else _state_key(self.manifest_path.read_bytes(), files)
+        except OSError:  # a file removed meanwhile: the full check below names it
+            key = None
         if cache and key and (key in _VERIFIED or _cache_file(key).is_file()):
             _VERIFIED.add(key)
             return m

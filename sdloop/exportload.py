@@ -118,7 +118,8 @@ def open_export(export_dir: Path | str, threads: Optional[int] = None, verify: b
     the host's cores with others); ``runtime`` replaces the whole runtime section (the export stage measuring a
     candidate before it writes the manifest); ``verify=False`` skips the hash check (the folder being built)."""
     folder = ExportFolder(export_dir)
-    manifest = folder.verify() if verify else None
+    # unverified: a folder being built passes its runtime; any other is run as its (unchecked) manifest says
+    manifest = folder.verify() if verify else (folder.manifest() if runtime is None else None)
     rt = dict(runtime if runtime is not None else manifest.runtime)  # type: ignore[union-attr]
     if threads:
         rt["intra_op_num_threads"] = int(threads)
@@ -168,11 +169,10 @@ def smoke_test(opened: OpenedExport, steps: int = 4, prompt: str = "a red circle
         raise SmokeTestError(f"{opened.path} failed its smoke test: generating one {width}x{height} image raised "
                              f"{type(e).__name__} ({str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
                              "the champion is unchanged.") from None
-    finite = bool(np.isfinite(image).all())
-    spread = float(np.nanmax(image) - np.nanmin(image)) * 255 if image.size else 0.0
-    if not finite:
+    if not bool(np.isfinite(image).all()):
         raise SmokeTestError(f"{opened.path} failed its smoke test: its {width}x{height} image has non-finite "
                              "pixels (NaN or inf weights); the champion is unchanged.")
+    spread = float(image.max() - image.min()) * 255 if image.size else 0.0
     if spread < 2.0:
         raise SmokeTestError(f"{opened.path} failed its smoke test: its {width}x{height} image is one flat colour "
                              f"(pixel range {spread:.2f} of 255); the champion is unchanged.")

@@ -51,6 +51,36 @@ def _workspace_env_restored() -> Iterator[None]:
             os.environ[k] = v
 
 
+def reset_bentoml_home() -> None:
+    """Forget the BENTOML_HOME that BentoML cached in this process.
+
+    Product code sets BENTOML_HOME once per process (``sdloop.workspace.use_bentoml_home``) and reaches the store
+    only through ``bentoml.models`` (sdloop.modelstore). BentoML resolves the home and its model store once, in
+    SingletonFactory providers of its DI container, and keeps them; a test session switches workspaces between tests,
+    so the tests (only they) reset those caches, which are BentoML internals.
+    """
+    import sys
+
+    if "bentoml" not in sys.modules:
+        return
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from simple_di import providers
+
+    for name in ("bentoml_home", "model_store_dir", "model_store", "bento_store_dir", "bento_store",
+                 "tmp_bento_store_dir", "tmp_bento_store", "env_store_dir", "result_store_file"):
+        provider = getattr(BentoMLContainer, name, None)
+        if isinstance(provider, providers.SingletonFactory):
+            provider._cache = providers.sentinel  # noqa: SLF001 - see the docstring
+
+
+@pytest.fixture(autouse=True)
+def _bentoml_home_follows_the_workspace() -> Iterator[None]:
+    """Each test's store is its workspace's, whatever an earlier test used (see reset_bentoml_home)."""
+    reset_bentoml_home()
+    yield
+    reset_bentoml_home()
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x pipeline folder in diffusers format (random weights, seed 0)."""
