@@ -1,7 +1,8 @@
 """Helpers for the serving tests: a workspace whose model store holds two published versions of the tiny run.
 
 Built once per test module (an export takes about a minute on 2 cores). The second version is a copy of the first
-export under a new export id, so promoting it changes the served version without a second export.
+export under a new export id, so promoting it changes the served version without a second export. Variants (another
+runtime in the manifest, a tampered file) are copies too, published into a workspace of their own.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 @dataclass
@@ -21,6 +23,7 @@ class Champion:
     home: Path
     bentoml_home: Path
     tags: tuple[str, str]
+    source: Optional[Path] = None  # the first export folder, for variants
 
     def env(self) -> dict[str, str]:
         return {"SDLOOP_HOME": str(self.home), "BENTOML_HOME": str(self.bentoml_home),
@@ -56,7 +59,8 @@ def workspace_env(home: Path, bentoml_home: Path) -> Iterator[None]:
 def build_store(tiny_run: Path, root: Path) -> Champion:
     """Export the tiny run (2-step checks), publish it twice (two export ids); promote nothing."""
     from export import registry
-    from export.build import MARKER, ExportConfig, build_export
+    from export.build import ExportConfig, build_export
+    from sdloop.exportfolder import MARKER
 
     home = root / "home"
     with workspace_env(home, home / "bentoml"):
@@ -70,7 +74,47 @@ def build_store(tiny_run: Path, root: Path) -> Champion:
             data["export_id"] = data["export_id"][::-1]
             (second / name).write_text(json.dumps(data))
         tags = (registry.publish(first)[0], registry.publish(second)[0])
-    return Champion(home, home / "bentoml", tags)
+    return Champion(home, home / "bentoml", tags, first)
+
+
+def fresh_workspace(champ: Champion, root: Path) -> Champion:
+    """The same published versions in a new workspace under ``root`` whose pointer names no champion yet (a test
+    that promotes, tampers or publishes there leaves the shared store alone)."""
+    fresh = Champion(root / "home", root / "home" / "bentoml", champ.tags, champ.source)
+    shutil.copytree(champ.bentoml_home / "models", fresh.bentoml_home / "models", symlinks=True)
+    return fresh
+
+
+def publish_variant(champ: Champion, into: Champion, root: Path, change: Callable[[dict], None]) -> str:
+    """Publish into ``into``'s store a copy of the first export whose manifest ``change`` edited (a new export id):
+    what an export made elsewhere, or by another sdloop, looks like. Returns its tag."""
+    from export import registry
+    from sdloop.exportfolder import MARKER
+
+    folder = root / f"variant-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(champ.source, folder)
+    export_id = uuid.uuid4().hex
+    for name in ("manifest.json", MARKER):
+        data = json.loads((folder / name).read_text())
+        data["export_id"] = export_id
+        if name == "manifest.json":
+            change(data)
+        (folder / name).write_text(json.dumps(data))
+    with workspace_env(into.home, into.bentoml_home):
+        return registry.publish(folder)[0]
+
+
+def tamper(champ: Champion, tag: str, rel: str = "unet/model.onnx") -> Path:
+    """Flip one byte in the middle of a published version's file (same size): what a bad disk or an attacker does."""
+    from bento.runtime import model_dir
+
+    with workspace_env(champ.home, champ.bentoml_home):
+        path = model_dir(tag)[1] / rel
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    return path
 
 
 def promote(champ: Champion, tag: str) -> None:
@@ -91,3 +135,4 @@ def wait_for(check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1
             return value
         time.sleep(every)
     raise AssertionError(f"condition not met within {timeout} s")
+

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from serve_support import Champion, promote, shared_store, wait_for
+from serve_support import Champion, fresh_workspace, promote, publish_variant, shared_store, tamper, wait_for, \
+    workspace_env
 
 TINY = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64}
 
@@ -30,6 +31,8 @@ def _env(champ: Champion, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("SDLOOP_WORKERS", "1")
     monkeypatch.delenv("SDLOOP_ADMIN_TOKEN", raising=False)
     monkeypatch.setenv("SDLOOP_IMAGE_DIR", str(tmp_path / "images"))
+    for key in ("SDLOOP_TORCH_THREADS", "SDLOOP_MAX_SIDE", "SDLOOP_MODEL_TAG", "SDLOOP_BACKEND"):
+        monkeypatch.delenv(key, raising=False)
 
 
 _APP: list = []
@@ -79,7 +82,7 @@ def test_not_ready_until_a_champion_is_loaded(champ: Champion, tmp_path: Path,
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"width": 65}, "width"), ({"height": 4096}, "height"), ({"width": 32}, "width"), ({"steps": 0}, "steps"),
+    ({"width": 65}, "width"), ({"height": 4096}, "height"), ({"width": 4}, "width"), ({"steps": 0}, "steps"),
     ({"steps": 100000}, "steps"), ({"guidance_scale": -1}, "guidance_scale"), ({"num_images": 0}, "num_images"),
     ({"num_images": 99}, "num_images"), ({"seed": -1}, "seed"), ({"prompt": ""}, "prompt"),
     ({"timeout_s": 0}, "timeout_s"), ({"colour": "red"}, "colour"), ({"steps": "many"}, "steps"),
@@ -142,7 +145,7 @@ def test_deadline_interrupts_the_generation(client) -> None:  # noqa: ANN001
     from bento.runtime import STEPS
 
     before = STEPS._value.get()
-    r = client.post("/txt2img_json", json={**TINY, "steps": 200, "width": 512, "height": 512, "timeout_s": 0.3})
+    r = client.post("/txt2img_json", json={**TINY, "steps": 200, "width": 256, "height": 256, "timeout_s": 0.3})
     assert r.status_code == 504 and r.json()["status"] == "timeout"
     ran = STEPS._value.get() - before
     assert 1 <= ran < 200, ran
@@ -204,15 +207,24 @@ def test_feedback_round_trip_update_and_404(client) -> None:  # noqa: ANN001
     assert r.status_code == 400 and "rating" in r.text
 
 
-def test_admin_reload_auth(client, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    r = client.post("/admin/reload")
-    assert r.status_code == 403 and r.json()["status"] == "disabled"
-    monkeypatch.setenv("SDLOOP_ADMIN_TOKEN", "s3cret")
-    assert client.post("/admin/reload").status_code == 401
-    r = client.post("/admin/reload", headers={"Authorization": "Bearer wrong"})
-    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-    r = client.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
-    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model_version"]
+def test_admin_reload_auth(champ: Champion, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdloop.champion import current_champion_tag
+
+    if current_champion_tag() is None:
+        promote(champ, champ.tags[0])
+    with _client() as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200)
+        r = c.post("/admin/reload")
+        assert r.status_code == 403 and r.json()["status"] == "disabled"
+    monkeypatch.setenv("SDLOOP_ADMIN_TOKEN", "s3cret")  # read once, when the service starts
+    with _client() as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200)
+        assert c.post("/admin/reload").status_code == 401
+        r = c.post("/admin/reload", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        r = c.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model_version"]
+        assert "s3cret" not in c.get("/info").text
 
 
 def test_new_champion_is_picked_up_while_requests_run(client, champ: Champion) -> None:  # noqa: ANN001
@@ -259,6 +271,8 @@ def test_pytorch_backend_is_the_configured_fallback(champ: Champion, monkeypatch
         assert open_store().get_generation(r.json()["images"][0]["generation_id"])["params"]["backend"] == "pytorch"
         r = c.post("/txt2img_json", json={**TINY, "steps": 200, "width": 256, "height": 256, "timeout_s": 0.2})
         assert r.status_code == 504 and r.json()["status"] == "timeout"
+        info = c.get("/info").json()
+        assert info["backend"] == "pytorch" and info["providers"] == ["torch"] and info["native_width"] == 64
 
 
 @pytest.mark.parametrize("flags, says", [(["--workers", "-1"], "--workers -1 is out of range"),
@@ -270,3 +284,243 @@ def test_sdloop_serve_refuses_bad_flags_in_one_line(flags: list, says: str, caps
     assert main(["serve", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {says}") and err.count("\n") == 1
+
+
+# -- the export as its manifest says, the default size, refused versions ---------------------------------------------
+
+def _use(workspace: Champion, monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    for k, v in {**workspace.env(), **env}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_default_size_is_the_native_size_and_other_sizes_stay_within_the_limits(client) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    from monitor.store import open_store
+
+    info = client.get("/info").json()
+    assert (info["native_width"], info["native_height"]) == (64, 64)  # the tiny base draws 64 px
+    assert (info["default_width"], info["default_height"]) == (64, 64)
+    assert info["limits"] == {"side_multiple": 16, "min_side": 16, "max_side": 256, "max_tokens": 77}
+    r = client.post("/txt2img", json={"prompt": "a red circle", "steps": 2})  # the README's curl: no size
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 64)
+    assert open_store().get_generation(r.headers["x-generation-id"])["params"]["width"] == 64
+    r = client.post("/txt2img_json", json={"prompt": "a red circle", "steps": 2, "width": 32})
+    assert r.status_code == 200
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["image_png_base64"])))
+    assert image.size == (32, 64)
+    r = client.post("/txt2img", json={"prompt": "a red circle", "steps": 2, "height": 512})
+    assert r.status_code == 400 and r.json()["status"] == "invalid"
+    assert r.json()["error"].startswith("height:") and "16 to 256 pixels in multiples of 16" in r.json()["error"]
+    assert "64x64 natively" in r.json()["error"]
+
+
+def test_the_operators_max_side_caps_the_models_limits(champ: Champion, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdloop.champion import current_champion_tag
+
+    if current_champion_tag() is None:
+        promote(champ, champ.tags[0])
+    _client()  # the request schema is built (SDLOOP_MAX_SIDE 1024) before the worker reads its 128 below
+    monkeypatch.setenv("SDLOOP_MAX_SIDE", "128")
+    with _client() as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200)
+        assert c.get("/info").json()["limits"]["max_side"] == 128
+        r = c.post("/txt2img", json={"prompt": "a red circle", "steps": 2, "width": 192})
+        assert r.status_code == 400 and "16 to 128 pixels" in r.json()["error"]
+
+
+def test_the_export_runs_as_its_manifest_says(champ: Champion, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh = fresh_workspace(champ, tmp_path)
+
+    def one_thread(m: dict) -> None:
+        m["runtime"].update(intra_op_num_threads=1, inter_op_num_threads=1, allow_spinning=False)
+
+    tag = publish_variant(champ, fresh, tmp_path, one_thread)
+    _use(fresh, monkeypatch)
+    promote(fresh, tag)
+    with _client() as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200)
+        info = c.get("/info").json()
+        assert info["model_version"] == tag and info["backend"] == "onnx" and info["last_error"] is None
+        assert info["providers"] == ["CPUExecutionProvider"]
+        # read back from the UNet's onnxruntime session, not from the manifest
+        assert (info["intra_op_num_threads"], info["inter_op_num_threads"]) == (1, 1)
+        assert info["allow_spinning"] is False and info["threads_from"] == "manifest"
+        assert info["manifest_threads"] == 1 and info["measured_latency"]["export_s"] > 0
+        assert c.post("/txt2img_json", json=TINY).status_code == 200
+    monkeypatch.setenv("SDLOOP_TORCH_THREADS", "2")  # the operator's per-worker value wins, and both are shown
+    with _client() as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200)
+        info = c.get("/info").json()
+        assert (info["intra_op_num_threads"], info["manifest_threads"]) == (2, 1)
+        assert info["threads_from"] == "SDLOOP_TORCH_THREADS" and info["allow_spinning"] is False
+
+
+def test_a_cuda_export_is_refused_on_a_cpu_machine_not_run_on_the_cpu(champ: Champion, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the export would run")
+    fresh = fresh_workspace(champ, tmp_path)
+
+    def cuda(m: dict) -> None:
+        m["target"] = m["runtime"]["target"] = "cuda"
+        m["runtime"]["providers"] = [["CUDAExecutionProvider", {}], ["CPUExecutionProvider", {}]]
+
+    tag = publish_variant(champ, fresh, tmp_path, cuda)
+    _use(fresh, monkeypatch, SDLOOP_MODEL_TAG=tag)  # a container's version (no champion pointer)
+    with _client() as c:
+        wait_for(lambda: c.get("/info").json()["last_error"])
+        assert c.get("/readyz").status_code == 503
+        info = c.get("/info").json()
+        assert info["status"] == "not_ready" and info["model_version"] is None
+        assert info["last_error"].startswith(f"{tag} was refused") and "CUDAExecutionProvider" in info["last_error"]
+        r = c.post("/txt2img_json", json=TINY)
+        assert r.status_code == 503 and r.json()["status"] == "not_ready"
+        assert "CUDAExecutionProvider" in r.json()["error"]
+
+
+def test_a_tampered_version_is_refused_and_the_champion_keeps_serving(champ: Champion, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh = fresh_workspace(champ, tmp_path)
+    good, bad = fresh.tags
+    _use(fresh, monkeypatch, SDLOOP_POLL_S="3600", SDLOOP_ADMIN_TOKEN="t")  # loads at start and on reload only
+    promote(fresh, good)
+    with _client() as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200)
+        promote(fresh, bad)  # it passed its smoke test; then a byte of it changes on disk
+        tamper(fresh, bad)
+        r = c.post("/admin/reload", headers={"Authorization": "Bearer t"})
+        assert r.status_code == 500 and r.json()["status"] == "reload_failed"
+        assert "unet/model.onnx" in r.json()["error"] and f"still serving {good}" in r.json()["error"]
+        info = c.get("/info").json()
+        assert info["model_version"] == good and info["last_error"].startswith(f"{bad} was refused")
+        r = c.post("/txt2img_json", json=TINY)
+        assert r.status_code == 200 and r.json()["model_version"] == good
+
+
+def test_a_refused_champion_is_logged_once_and_answers_503_with_the_reason(
+        champ: Champion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from export import registry
+
+    fresh = fresh_workspace(champ, tmp_path)
+    good, bad = fresh.tags
+    _use(fresh, monkeypatch, SDLOOP_POLL_S="0.1")
+    promote(fresh, good)
+    promote(fresh, bad)
+    tamper(fresh, bad)  # what a restart meets after the champion's files were damaged
+    with caplog.at_level(logging.INFO, logger="sdloop.serve"), _client() as c:
+        wait_for(lambda: c.get("/info").json()["last_error"])
+        r = c.post("/txt2img", json=TINY)
+        assert r.status_code == 503 and "unet/model.onnx" in r.json()["error"]
+        assert "SHA-256" in r.json()["error"] and c.get("/readyz").status_code == 503
+        time.sleep(1.5)  # 15 polls
+        refused = [rec for rec in caplog.records if "was refused" in rec.getMessage()]
+        assert len(refused) == 1 and refused[0].exc_info is None, [rec.getMessage() for rec in refused]
+        assert "\n" not in refused[0].getMessage() and "no model is served" in refused[0].getMessage()
+        with workspace_env(fresh.home, fresh.bentoml_home):
+            registry.rollback("its files were damaged")
+        wait_for(lambda: c.get("/info").json()["model_version"] == good)
+        assert c.get("/info").json()["last_error"] is None
+        assert c.post("/txt2img", json=TINY).status_code == 200
+
+
+# -- `sdloop serve` checks what every worker would fail on, before it starts -------------------------------------------
+
+@pytest.fixture()
+def serve_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace for `sdloop serve`; the variables it sets for the server are restored after the test."""
+    monkeypatch.setenv("SDLOOP_HOME", str(tmp_path / "home"))
+    for key in ("BENTOML_HOME", "SDLOOP_STORE_URL", "SDLOOP_WORKERS", "SDLOOP_THREADS", "SDLOOP_BACKEND",
+                "SDLOOP_TORCH_THREADS", "SDLOOP_DEADLINE_S", "SDLOOP_POLL_S"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("os.execv", lambda *a: (_ for _ in ()).throw(AssertionError(f"exec'd {a}")))
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("SDLOOP_DEADLINE_S", "abc", "SDLOOP_DEADLINE_S='abc' is invalid: expected a finite number"),
+    ("SDLOOP_POLL_S", "-1", "SDLOOP_POLL_S=-1.0 is invalid: a number of seconds in (0, 3600]"),
+    ("SDLOOP_MAX_SIDE", "big", "SDLOOP_MAX_SIDE='big' is invalid: expected an integer"),
+    ("SDLOOP_BACKEND", "tensorflow", "SDLOOP_BACKEND='tensorflow' is invalid: one of onnx, pytorch"),
+    ("SDLOOP_STORE_URL", "not a url", "store URL 'not a url' is not a database URL"),
+])
+def test_sdloop_serve_refuses_bad_settings_in_one_line(serve_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture, key: str, value: str,
+                                                       says: str) -> None:
+    from sdloop_cli.main import main
+
+    monkeypatch.setenv(key, value)
+    assert main(["serve", "--port", str(_free_port())]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(f"error: {says}") and out.err.count("\n") == 1 and out.out == "", out
+
+
+def test_sdloop_serve_masks_the_store_password(serve_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from sdloop_cli.main import main
+
+    monkeypatch.setenv("SDLOOP_STORE_URL", "postgresql+psycopg://sdloop:hunter2-secret@127.0.0.1:1/sdloop")
+    assert main(["serve", "--port", str(_free_port())]) == 2  # nothing listens on port 1
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and "hunter2" not in out.err + out.out
+    assert "sdloop:***@127.0.0.1:1" in out.err
+
+
+def test_sdloop_serve_prints_the_store_masked_before_it_starts(serve_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture,
+                                                               postgres_db: str) -> None:
+    import sqlalchemy as sa
+
+    from sdloop_cli.main import main
+
+    url = sa.engine.make_url(postgres_db).set(password="hunter2-secret").render_as_string(hide_password=False)
+    monkeypatch.setenv("SDLOOP_STORE_URL", url)  # the test server trusts local connections: any password works
+    with pytest.raises(AssertionError, match="exec'd"):
+        main(["serve", "--port", str(_free_port())])
+    out = capsys.readouterr().out
+    assert out.startswith("serving the champion of") and ":***@" in out and "hunter2" not in out
+
+
+def test_sdloop_serve_refuses_a_busy_port_in_one_line(serve_env: Path, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    from sdloop_cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: port {port} on 127.0.0.1 is already in use (another server?); stop it or choose " \
+                  "another with --port.\n"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://sdloop:hunter2@db:5432/sdloop", "postgresql+psycopg://sdloop:***@db:5432/sdloop"),
+    ("postgresql://u:p@ss/w@rd@db/x", "postgresql://u:***@db/x"),  # an unescaped @ or / in the password
+    ("postgresql://db/x?user=u&password=hunter2&sslmode=require",
+     "postgresql://db/x?user=u&password=***&sslmode=require"),
+    ("sqlite:////srv/a@b/monitor.db", "sqlite:////srv/a@b/monitor.db"),
+    ("postgresql://u@db/x", "postgresql://u@db/x"),
+    ("postgres//u:hunter2@db", "postgres//u:***@db"),  # not a URL at all: still hidden
+])
+def test_mask_url(url: str, shown: str) -> None:
+    from sdloop.masking import mask_text, mask_url
+
+    assert mask_url(url) == shown
+    if "hunter2" in url:
+        assert "hunter2" not in mask_text(f"cannot connect to {url}: password 'hunter2' rejected", url)

@@ -23,6 +23,7 @@ from serve_support import Champion, promote, shared_store, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64}
 TOKEN = "test-admin-token"
+PASSWORD = "pw-never-printed"
 
 
 def _free_port() -> int:
@@ -71,8 +72,14 @@ def champ(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Champion:
 def server(champ: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    # the store the replicas of a scaled-out service share, when this session has one (.ci/run starts it)
-    store_url = os.environ.get("SDLOOP_TEST_POSTGRES_URL") or champ.env()["SDLOOP_STORE_URL"]
+    # the store the replicas of a scaled-out service share, when this session has one (.ci/run starts it); with a
+    # password (the test server trusts local connections), which must never reach the server's output
+    store_url = champ.env()["SDLOOP_STORE_URL"]
+    if os.environ.get("SDLOOP_TEST_POSTGRES_URL"):
+        import sqlalchemy as sa
+
+        store_url = sa.engine.make_url(os.environ["SDLOOP_TEST_POSTGRES_URL"]).set(password=PASSWORD) \
+            .render_as_string(hide_password=False)
     env = {**os.environ, **champ.env(), "SDLOOP_STORE_URL": store_url, "SDLOOP_POLL_S": "0.5",
            "SDLOOP_ADMIN_TOKEN": TOKEN, "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
     with open(log, "wb") as out:
@@ -111,7 +118,7 @@ def test_sync_client_and_plain_http(server: dict, champ: Champion) -> None:
     assert code == 400 and json.loads(body)["detail"][0]["loc"] == ["height"]
     code, _, body = _post(server["url"] + "/feedback", {"generation_id": "f" * 32, "rating": 1})
     assert code == 404
-    code, _, body = _post(server["url"] + "/txt2img_json", {**TINY, "steps": 200, "width": 512, "height": 512,
+    code, _, body = _post(server["url"] + "/txt2img_json", {**TINY, "steps": 200, "width": 256, "height": 256,
                                                               "timeout_s": 0.2})
     assert code == 504 and json.loads(body)["status"] == "timeout"
     from monitor.store import Store
@@ -126,6 +133,30 @@ def test_sync_client_and_plain_http(server: dict, champ: Champion) -> None:
         assert ("timeout", "txt2img_json") in [tuple(k) for k in kinds]
     finally:
         store.close()
+
+
+def test_info_and_the_native_size_over_http(server: dict, champ: Champion) -> None:
+    code, body = _get(server["url"] + "/info")
+    info = json.loads(body)
+    assert code == 200 and info["status"] == "ready" and info["model_version"] in champ.tags
+    assert info["providers"] == ["CPUExecutionProvider"] and info["backend"] == "onnx"
+    assert info["intra_op_num_threads"] == 1 and info["threads_from"] == "SDLOOP_TORCH_THREADS"  # --torch-threads 1
+    assert info["allow_spinning"] is False and info["last_error"] is None
+    assert (info["native_width"], info["native_height"]) == (64, 64) and info["measured_latency"]["export_s"] > 0
+    code, headers, body = _post(server["url"] + "/txt2img", {"prompt": "a red circle", "steps": 2})
+    from PIL import Image
+    import io
+
+    assert code == 200 and Image.open(io.BytesIO(body)).size == (64, 64)
+
+
+def test_a_second_server_on_the_same_port_is_one_line(server: dict, champ: Champion) -> None:
+    env = {**os.environ, **champ.env(), "BENTOML_DO_NOT_TRACK": "true"}
+    out = subprocess.run([sys.executable, "-m", "sdloop_cli", "serve", "--port", str(server["port"])], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"error: port {server['port']} on 127.0.0.1 is already in use (another server?); stop it " \
+                         "or choose another with --port.\n"
 
 
 def test_metrics_count_generations_feedback_errors_and_latency(server: dict) -> None:
@@ -198,6 +229,8 @@ def test_stopped_by_pid(server: dict) -> None:
     proc = server["proc"]
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) is not None
+    log = server["log"].read_text(errors="replace")
+    assert log.startswith("serving the champion of") and PASSWORD not in log  # masked in every line
     wait_for(lambda: _get(server["url"] + "/livez")[0] == 0, timeout=30)
     with socket.socket() as s:  # the port is free again: no worker was left behind holding it
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
