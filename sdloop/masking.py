@@ -20,7 +20,10 @@ _SECRET_PARAM = re.compile(r"(?i)([?&;](?:password|passwd|pwd|sslpassword|secret
 def url_password(url: str) -> Optional[str]:
     """The password written in ``url``'s user info (as written, and None when there is none)."""
     head, sep, rest = url.partition("://")
-    if not sep or rest.startswith("/"):
+    if not sep:  # not a URL: what mask_url hides, from the first ':' to the last '@'
+        at = url.rfind("@")
+        return url[url.index(":") + 1:at] or None if at > 0 and ":" in url[:at] else None
+    if rest.startswith("/"):
         return None
     end = rest.find("?")
     at = rest.rfind("@", 0, end if end >= 0 else len(rest))
