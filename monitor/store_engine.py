@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from sdloop.errors import UserError
+from sdloop.masking import mask_url
 
 log = logging.getLogger("sdloop.store")
 
@@ -67,7 +68,7 @@ def make_engine(url: str, setting: str = "SDLOOP_STORE_URL") -> Engine:
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        raise StoreError(f"store URL {url!r} is not a database URL; set {setting} to e.g. "
+        raise StoreError(f"store URL {mask_url(url)!r} is not a database URL; set {setting} to e.g. "
                          "postgresql+psycopg://user:pass@host/db, or unset it for the workspace's sqlite file.") \
             from None
     if parsed.get_backend_name() == "sqlite":
