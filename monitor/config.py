@@ -70,6 +70,16 @@ class MonitorConfig:
     keep_rating: int = _f(4, "Generations rated at or above this (or thumbs up) join the retraining data.")
     drop_rating: int = _f(2, "Generations rated at or below this (or thumbs down) are kept out of it.")
     max_new_images: int = _f(1000, "At most this many rated generations join the retraining data (best first).")
+    min_raters: int = _f(2, "Distinct raters a generation needs before its good rating counts for the retraining "
+                            "data (a rater is an API key, or a client id where the service runs without keys); a "
+                            "low rating or a thumbs down keeps a generation out whatever the count.")
+    max_rater_share: float = _f(0.2, "Largest share of the generations added to the retraining data that one rater's "
+                                     "votes may count on (each rater may always count on one); a rater's votes "
+                                     "beyond it, newest first, are not counted, so one caller cannot fill the data.")
+    gate_holdout_share: float = _f(0.2, "Share of the well-rated generations held out of the retraining data as the "
+                                        "gate's KID reference (at least 2, at most half; none when fewer than 4 are "
+                                        "kept, and KID then does not count): the challenger is judged on images it "
+                                        "did not train on.")
     # -- retraining ----------------------------------------------------------------------------------------------
     from_champion: bool = _f(True, "Start the challenger's LoRA from the champion's weights (else from scratch).")
     train_overrides: dict = _f({}, "Training settings that replace the champion's for the challenger, e.g. "
@@ -121,6 +131,11 @@ class MonitorConfig:
         _check(1 <= self.drop_rating < self.keep_rating, "drop_rating", self.drop_rating,
                f"a rating in [1, keep_rating={self.keep_rating})")
         _check(0 <= self.max_new_images <= 10**6, "max_new_images", self.max_new_images, "an integer in [0, 1000000]")
+        _check(1 <= self.min_raters <= 1000, "min_raters", self.min_raters, "an integer in [1, 1000]")
+        _check(math.isfinite(self.max_rater_share) and 0 < self.max_rater_share <= 1, "max_rater_share",
+               self.max_rater_share, "a share in (0, 1]")
+        _check(math.isfinite(self.gate_holdout_share) and 0 <= self.gate_holdout_share <= 0.5, "gate_holdout_share",
+               self.gate_holdout_share, "a share in [0, 0.5]")
         _check(all(isinstance(p, str) and p.strip() for p in self.gate_prompts), "gate_prompts", self.gate_prompts,
                "a list of non-empty prompts")
         _check(2 <= self.gate_images <= 10000, "gate_images", self.gate_images, "an integer in [2, 10000]")

@@ -51,15 +51,24 @@ def _num(value: Any) -> Optional[float]:
         and math.isfinite(value) else None
 
 
-def kid_check(champion_kid: Optional[float], challenger_kid: Optional[float], cfg: MonitorConfig) -> GateCheck:
-    """KID (lower is better) of both on the same prompts, seeds and reference: not worse beyond ``kid_margin``."""
+def kid_check(champion_kid: Optional[float], challenger_kid: Optional[float], cfg: MonitorConfig,
+              not_held_out: Optional[str] = None) -> GateCheck:
+    """KID (lower is better) of both on the same prompts, seeds and reference: not worse beyond ``kid_margin``.
+
+    The reference must be images the challenger did not train on (the held-out rated generations): KID against its
+    own training data rewards a challenger for copying that data, whoever put it there. ``not_held_out`` says why the
+    reference was not held out; the check is then skipped with that reason, never passed."""
     a, b = _num(champion_kid), _num(challenger_kid)
+    if not_held_out:
+        return GateCheck("kid", None, f"KID not counted: {not_held_out}",
+                         {"champion": a, "challenger": b, "held_out": False})
     if a is None or b is None:
         return GateCheck("kid", None, "KID was not computed for both models (see the comparison report)")
     ok = b <= a + cfg.kid_margin
     verb = "within" if ok else "worse than"
-    return GateCheck("kid", ok, f"challenger KID {b:.4f} vs champion {a:.4f}: {verb} the margin {cfg.kid_margin:g}",
-                     {"champion": a, "challenger": b, "margin": cfg.kid_margin})
+    return GateCheck("kid", ok, f"challenger KID {b:.4f} vs champion {a:.4f} on held-out images: {verb} the margin "
+                                f"{cfg.kid_margin:g}", {"champion": a, "challenger": b, "margin": cfg.kid_margin,
+                                                        "held_out": True})
 
 
 def val_loss_check(champion_loss: Optional[float], challenger_loss: Optional[float], cfg: MonitorConfig,
@@ -112,14 +121,15 @@ def latency_check(champion_md: dict[str, Any], challenger_md: dict[str, Any], cf
 
 
 def quality_gate(comparison: dict[str, Any], val: tuple[Optional[float], Optional[float], bool],
-                 cfg: MonitorConfig) -> GateResult:
+                 cfg: MonitorConfig, not_held_out: Optional[str] = None) -> GateResult:
     """The half known after the comparison: KID from ``compare_runs``' eval.json data (models a = champion, b =
-    challenger) and ``val`` = (champion loss, challenger loss, same split)."""
+    challenger) and ``val`` = (champion loss, challenger loss, same split). ``not_held_out``: why the comparison's
+    reference is not held-out data (KID is then skipped; see ``kid_check``)."""
     kid = (comparison.get("metrics") or {}).get("kid") or {}
     values = kid.get("values") or {} if kid.get("computed") else {}
     a = (values.get("a") or {}).get("value")
     b = (values.get("b") or {}).get("value")
-    checks = (kid_check(a, b, cfg), val_loss_check(val[0], val[1], cfg, val[2]))
+    checks = (kid_check(a, b, cfg, not_held_out), val_loss_check(val[0], val[1], cfg, val[2]))
     if all(c.passed is None for c in checks):  # no evidence the challenger is not worse: it does not replace anyone
         checks += (GateCheck("evidence", False, "neither KID nor a validation loss could be compared; raise "
                                                 "gate_images (KID needs a dozen images or more) or train with a "

@@ -1,9 +1,10 @@
 """`sdloop retrain`: train a challenger on the new evidence, compare it with the champion, and promote it only if it
 passes the gate.
 
-The phases read top to bottom in ``retrain``: data (the champion's data plus well-rated generations), train (the
-champion's config, optionally starting from its LoRA), compare (the evaluation stage's paired comparison on fixed
-prompts and seeds), the quality gate (a worse challenger is rejected before an export is spent on it), export,
+The phases read top to bottom in ``retrain``: data (the champion's data plus well-rated generations, a share of them
+held out for the gate), train (the champion's config, optionally starting from its LoRA), compare (the evaluation
+stage's paired comparison on fixed prompts and seeds, KID against the held-out generations: images neither model
+trained on), the quality gate (a worse challenger is rejected before an export is spent on it), export,
 publish (a candidate version), the export gate (parity, latency), promote. Every phase is a row in the retraining
 log. Only the last phase touches the champion, through the registry's atomic pointer, so a crash or a failed gate
 anywhere leaves the champion serving; one lock keeps two retrainings (manual and scheduled) from overlapping, and
@@ -136,15 +137,18 @@ def _phases(c: _Ctx) -> RetrainOutcome:
     c.say(f"retraining {c.rid} from champion {c.champion.tag} (run {c.champion_run})")
     with c.log.step(c.rid, "data") as d:
         data = _data(c)
-        d.update(summary=data["summary"], data_dir=str(data["dir"]), record=data["record"])
+        d.update(summary=data["summary"], data_dir=str(data["dir"]), record=data["record"],
+                 gate_dir=str(data["gate_dir"]), left_out=data["left_out"], raters=data["raters"])
     with c.log.step(c.rid, "train") as d:
         run_dir, val = _train(c, data["dir"])
         c.log.update(c.rid, run_dir=str(run_dir))
         d.update(summary=f"run {run_dir.name}", run_dir=str(run_dir), val=list(val))
     with c.log.step(c.rid, "compare") as d:
-        comparison = _compare(c, run_dir, data["dir"])
-        quality = quality_gate(comparison.data, val, c.cfg)
-        d.update(summary="; ".join(quality.lines()), report=str(comparison.report), gate=quality.to_dict())
+        reference = gate_reference(data, run_dir)
+        comparison = _compare(c, run_dir, data["dir"], reference)
+        quality = quality_gate(comparison.data, val, c.cfg, not_held_out=reference["not_held_out"])
+        d.update(summary="; ".join(quality.lines()), report=str(comparison.report), gate=quality.to_dict(),
+                 reference={k: v for k, v in reference.items() if k != "hashes"})
     done = RetrainOutcome(c.rid, "rejected", [], c.champion.tag, None, run_dir, comparison.report, [quality])
     if not quality.passed:
         return _finish(c, done, quality.reasons + ["rejected before export: the challenger draws worse"])
@@ -196,13 +200,18 @@ def _finish(c: _Ctx, outcome: RetrainOutcome, reasons: list[str]) -> RetrainOutc
 
 
 def _data(c: _Ctx) -> dict[str, Any]:
-    from monitor.retrain_data import build_retrain_data
+    from monitor.retrain_data import build_retrain_data, left_out
 
-    c.say("[1/6] data: the champion's data plus the well-rated generations, through the dataset check")
-    result = build_retrain_data(c.champion_run, c.log.store, c.cfg, c.work / "data", progress=c.progress)
+    c.say("[1/6] data: the champion's data plus the well-rated generations (a share held out for the gate), through "
+          "the dataset check")
+    result = build_retrain_data(c.champion_run, c.log.store, c.cfg, c.work / "data", progress=c.progress,
+                                gate_dir=c.work / "gate-reference")
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    c.say(f"      {result.summary().splitlines()[0]}")
     c.say(f"      {counts}; record: {result.record}")
-    return {"dir": Path(result.data_dir), "record": str(result.record), "summary": counts}
+    return {"dir": Path(result.data_dir), "record": str(result.record), "summary": counts,
+            "gate_dir": result.gate_dir, "gate_images": result.gate_images, "left_out": left_out(result.counts),
+            "raters": result.raters}
 
 
 def _train_values(c: _Ctx, data_dir: Path, output: Path) -> dict[str, Any]:
@@ -265,14 +274,43 @@ def _prompts(c: _Ctx, data_dir: Path) -> list[str]:
         return list(dict.fromkeys(r["text"] for r in rows if r.get("text")))[:8]
 
 
-def _compare(c: _Ctx, run_dir: Path, data_dir: Path) -> Any:
+def gate_reference(data: dict[str, Any], challenger_run: Path) -> dict[str, Any]:
+    """The images KID compares against: the held-out generations, when there are at least two and none of them is
+    (byte for byte) an image the challenger's trainer saw; else the retraining data itself, with ``not_held_out``
+    saying why KID then does not count (the challenger trained on that reference)."""
+    import hashlib
+
+    from finetune.data.check import DataReport
+    from sdloop.runfolder import RunFolder
+
+    gate = data.get("gate_dir")
+    files = sorted(p for p in Path(gate).iterdir() if p.is_file()) if gate and Path(gate).is_dir() else []
+    hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    trained = {it.sha256 for it in DataReport.load(RunFolder(challenger_run).data_report).items}
+    overlap = len(hashes & trained)
+    out = {"dir": str(gate) if gate else None, "images": len(files), "overlap_with_training": overlap,
+           "hashes": sorted(hashes), "not_held_out": None}
+    if len(files) < 2:
+        out.update(dir=str(data["dir"]), not_held_out=(
+            f"fewer than 2 well-rated generations held out for the gate ({len(files)}; gate_holdout_share holds out "
+            "a share once 4 or more are kept), so KID was measured against the challenger's own training data"))
+    elif overlap:
+        out.update(dir=str(data["dir"]), not_held_out=(
+            f"{overlap} held-out image(s) are also in the challenger's training data, so KID was measured against "
+            "the retraining data instead"))
+    return out
+
+
+def _compare(c: _Ctx, run_dir: Path, data_dir: Path, reference: dict[str, Any]) -> Any:
     from finetune.evaluation.evaluate import compare_runs
 
     prompts = _prompts(c, data_dir)
+    against = (f"the {reference['images']} held-out rated generations" if not reference["not_held_out"]
+               else "the retraining data (KID not counted: no held-out reference)")
     c.say(f"[3/6] compare: champion against challenger, {c.cfg.gate_images} images each on {len(prompts)} fixed "
-          "prompts and seeds, KID against the retraining data")
+          f"prompts and seeds, KID against {against}")
     comparison = compare_runs(c.champion_run, run_dir, prompts=prompts, n=c.cfg.gate_images, seed=c.cfg.gate_seed,
-                              reference=data_dir, steps=c.cfg.gate_steps, progress=c.progress)
+                              reference=reference["dir"], steps=c.cfg.gate_steps, progress=c.progress)
     for line in comparison.lines():
         c.say(f"      {line}")
     return comparison

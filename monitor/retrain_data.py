@@ -2,16 +2,22 @@
 
 A challenger must not forget what the champion learned, so every image of the champion run's split (train and
 validation: the trainer splits the new folder again, without leakage) goes in with its caption. Generations that
-users rated at or above ``keep_rating`` (mean over clients) or voted thumbs up join them, their prompt as caption, best
-first and at most ``max_new_images``; a generation anyone rated at or below ``drop_rating`` or voted thumbs down
-stays out (a conflicting vote keeps it out: the data must not teach what someone disliked), and so do middling and
-unrated ones. The result goes through the dataset stage's own check (``finetune.data.check.scan_dataset``: broken files,
-empty captions, exact and near duplicates), and whatever the check rejects is removed, so the folder holds exactly
-what will train.
+raters liked join them, their prompt as caption (``monitor.retrain_select`` decides which: ratings at or above
+``keep_rating`` or thumbs up, from at least ``min_raters`` distinct raters, no rater's votes counting on more than
+``max_rater_share`` of them, best first and at most ``max_new_images``); one whose counted votes average at or below
+``drop_rating`` or thumbs down stays out (and leaves the champion's data if an earlier retraining learned from it),
+and so do middling and unrated ones. The result goes through the dataset stage's own check
+(``finetune.data.check.scan_dataset``: broken files, empty captions, exact and near duplicates), and whatever the
+check rejects is removed, so the folder holds exactly what will train.
+
+With ``gate_dir``, a share of the kept generations (``gate_holdout_share``) goes there instead: the gate compares
+champion and challenger on images neither trained on. The dataset check runs over both sets together, so no image
+or near copy of one is on both sides.
 
 The output is a Hugging Face imagefolder (``metadata.jsonl`` with ``file_name`` and ``text``, images under
-``champion/`` and ``generated/``) with ``retrain_data.json`` (every file: where it came from, its rating, whether it
-went in and why; the counts) and ``data_report.json`` beside it. Images are hard links where the filesystem allows
+``champion/`` and ``generated/``) with ``retrain_data.json`` (every file: where it came from, its rating and raters,
+whether it went in, was held out for the gate or stayed out, and why; the counts, what was left out per reason, how
+many raters contributed and the largest shares) and ``data_report.json`` beside it. Images are hard links where the filesystem allows
 (no copy of a large dataset), copies otherwise; a source file is only ever read or linked, never changed (not even
 its permissions). The folder is built under a hidden name beside ``out_dir`` and renamed into place, so a crash
 leaves no half-built data, and ``out_dir`` must be new or empty: sdloop never writes into a folder of the user's.
@@ -37,6 +43,7 @@ from finetune.training.config import DataConfig, TrainConfig
 from finetune.data.check import DataReport, DatasetError, format_summary, scan_dataset
 from finetune.data.files import display, inside
 from monitor.config import MonitorConfig
+from monitor.retrain_select import select_generations
 from monitor.store import Store
 from sdloop.atomic import check_writable_dir, current_umask
 from sdloop.errors import UserError
@@ -54,22 +61,43 @@ class RetrainDataError(UserError):
 
 @dataclass
 class RetrainData:
-    """The built folder, its record, the counts and the dataset check's report."""
+    """The built folder, its record, the counts, the dataset check's report, the gate's folder and the raters."""
 
     data_dir: Path
     record: Path
     counts: dict[str, int]
     report: DataReport
     files: list[dict[str, Any]] = field(default_factory=list)
+    gate_dir: Optional[Path] = None
+    raters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gate_images(self) -> int:
+        """Images held out for the gate (in ``gate_dir``)."""
+        return int(self.counts.get("held_out", 0))
 
     def summary(self) -> str:
         """Counts in one line, then the dataset check's summary (what ``sdloop retrain`` prints)."""
         c = self.counts
+        out = ", ".join(f"{n} {LEFT_OUT_WORDS[k]}" for k, n in left_out(c).items() if n) or "nothing"
         head = (f"Retraining data {display(self.data_dir)}: {c['total']} image(s) = {c['champion']} from the "
-                f"champion + {c['added']} rated generation(s); left out: {c['dropped_low']} rated low, "
-                f"{c['middling']} middling, {c['unrated']} unrated, {c['over_limit']} over the limit, "
-                f"{c['missing_image']} missing image(s), {c['duplicates']} duplicate(s)")
+                f"champion + {c['added']} rated generation(s) from {c.get('raters', 0)} rater(s); "
+                f"{c.get('held_out', 0)} held out for the gate; left out: {out}")
         return head + "\n" + format_summary(self.report)
+
+
+# why a file or a generation stayed out, in the words of the summary line
+LEFT_OUT_WORDS = {"dropped_low": "rated low", "dropped_since": "of the champion's rated low since",
+                  "middling": "middling", "too_few_raters": "with fewer than min_raters raters",
+                  "rater_cap": "good only with votes over a rater's share", "unrated": "unrated",
+                  "over_limit": "over max_new_images", "missing_image": "missing image(s)",
+                  "duplicates": "duplicate(s)", "skipped_by_check": "refused by the dataset check",
+                  "champion_missing": "of the champion's gone from its dataset"}
+
+
+def left_out(counts: dict[str, int]) -> dict[str, int]:
+    """What stayed out, per reason (every reason, zeros included, in a fixed order)."""
+    return {k: int(counts.get(k, 0)) for k in LEFT_OUT_WORDS}
 
 
 # -- the output folder ------------------------------------------------------------------------------------------------
@@ -126,50 +154,6 @@ def _champion_items(run: RunFolder, dataset: Path, data_cfg: DataConfig) -> list
     return out
 
 
-# -- the rated generations ------------------------------------------------------------------------------------------
-
-def _rated_generations(store: Store, since: Optional[dt.datetime]) -> tuple[list[dict[str, Any]], int]:
-    """(generations with a rating or a thumb: mean rating, mean thumbs, votes; number without any) since ``since``."""
-    return store.rated_generations(since)
-
-
-def _judge(row: dict[str, Any], cfg: MonitorConfig) -> tuple[str, str]:
-    """("keep" | "dropped_low" | "middling", the reason with its numbers) for one rated generation."""
-    rating, thumbs = row["rating"], row["thumbs"]
-    said = []
-    if rating is not None:
-        said.append(f"mean rating {rating:.2f} of {row['ratings']} client(s)")
-    if thumbs is not None:
-        said.append(f"thumbs {thumbs:+.2f} (mean of {row['thumbs_n']})")
-    votes = ", ".join(said)
-    if rating is not None and rating <= cfg.drop_rating:
-        return "dropped_low", f"{votes}: at or below drop_rating {cfg.drop_rating}"
-    if thumbs is not None and thumbs < 0:
-        return "dropped_low", f"{votes}: thumbs down"
-    if rating is not None and rating >= cfg.keep_rating:
-        return "keep", f"{votes}: at or above keep_rating {cfg.keep_rating}"
-    if thumbs is not None and thumbs > 0 and rating is None:
-        return "keep", f"{votes}: thumbs up"
-    return "middling", f"{votes}: between drop_rating {cfg.drop_rating} and keep_rating {cfg.keep_rating}"
-
-
-def _best_first(row: dict[str, Any]) -> tuple:
-    created = row["created"].timestamp() if row["created"] else 0.0
-    return (-(row["rating"] or 0.0), -(row["thumbs"] or 0.0), -(row["ratings"] + row["thumbs_n"]), -created, row["id"])
-
-
-def _image_of(row: dict[str, Any]) -> Optional[Path]:
-    """The stored image of a generation (a relative path is under the workspace's generations folder)."""
-    from sdloop.workspace import generations_dir
-
-    if not row["image_path"]:
-        return None
-    path = Path(row["image_path"]).expanduser()
-    if not path.is_absolute():
-        path = generations_dir() / path
-    return path if path.is_file() else None
-
-
 # -- building ---------------------------------------------------------------------------------------------------------
 
 def _entry(**values: Any) -> dict[str, Any]:
@@ -179,16 +163,14 @@ def _entry(**values: Any) -> dict[str, Any]:
 
 
 def _plan(run: RunFolder, dataset: Path, data_cfg: DataConfig, store: Store, cfg: MonitorConfig,
-          since: Optional[dt.datetime]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Every candidate file with its decision before the dataset check, and the counts so far."""
-    counts = dict.fromkeys(("champion_missing", "rated", "dropped_low", "middling", "unrated", "over_limit",
-                            "missing_image"), 0)
+          since: Optional[dt.datetime], hold_out: bool) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
+    """Every candidate file with its decision before the dataset check, the counts so far, and the raters."""
+    counts = {"champion_missing": 0, "dropped_since": 0}
     files: list[dict[str, Any]] = []
     real_root = os.path.realpath(dataset)
-    rows, counts["unrated"] = _rated_generations(store, since)
+    chosen = select_generations(store, cfg, since, hold_out)
     # a generation an earlier retraining learned from, rated low since: it leaves the champion's data too
-    disliked = {r["id"]: why for r in rows for verdict, why in [_judge(r, cfg)] if verdict == "dropped_low"}
-    counts["dropped_since"] = 0
+    disliked = chosen.disliked
     for rel, caption, sha in _champion_items(run, dataset, data_cfg):
         src = dataset / rel
         e = _entry(source="champion", source_path=str(src), caption=caption, sha256_trained=sha)
@@ -204,26 +186,9 @@ def _plan(run: RunFolder, dataset: Path, data_cfg: DataConfig, store: Store, cfg
         else:
             e.update(file=posixpath.join("champion", rel), decision="in", reason="the champion's training data")
         files.append(e)
-    counts["rated"] = len(rows)
-    added = 0
-    for row in sorted(rows, key=_best_first):
-        verdict, why = _judge(row, cfg)
-        e = _entry(source="generation", generation_id=row["id"], source_path=row["image_path"],
-                   caption=row["prompt"], rating=row["rating"], thumbs=row["thumbs"], reason=why)
-        if verdict != "keep":
-            counts[verdict] += 1
-        elif (image := _image_of(row)) is None:
-            counts["missing_image"] += 1
-            e["reason"] = f"{why}, but its image {row['image_path'] or '(none stored)'} is missing"
-        elif added >= cfg.max_new_images:
-            counts["over_limit"] += 1
-            e["reason"] = f"{why}, but max_new_images={cfg.max_new_images} better ones are in already"
-        else:
-            added += 1
-            e.update(file=f"generated/{row['id']}{image.suffix.lower() or '.png'}", source_path=str(image),
-                     decision="in")
-        files.append(e)
-    return files, counts
+    files += [_entry(**e) for e in chosen.entries]
+    counts.update(chosen.counts)
+    return files, counts, chosen.raters
 
 
 def _fsync_tree(root: Path) -> None:
@@ -233,29 +198,37 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _write_metadata(folder: Path, files: list[dict[str, Any]]) -> None:
+def _write_metadata(folder: Path, files: list[dict[str, Any]], decisions: tuple[str, ...] = ("in",)) -> None:
     lines = [json.dumps({"file_name": f["file"], "text": f["caption"]}, ensure_ascii=False)
-             for f in files if f["decision"] == "in"]
+             for f in files if f["decision"] in decisions]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
 
 
 def build_retrain_data(champion_run: Path, store: Store, cfg: MonitorConfig, out_dir: Path,
-                       since: Optional[dt.datetime] = None, progress: bool = False) -> RetrainData:
+                       since: Optional[dt.datetime] = None, progress: bool = False,
+                       gate_dir: Optional[Path] = None) -> RetrainData:
     """Build the retraining imagefolder at ``out_dir`` (new or empty) from the champion run and the rated
-    generations created since ``since`` (default: all); see the module docstring."""
+    generations created since ``since`` (default: all); with ``gate_dir`` (new or empty), the held-out share of the
+    kept generations goes there instead of into the training data: the gate's reference. See the module docstring."""
     run = RunFolder(champion_run).require_finished()
     dataset = run.dataset()
     data_cfg = TrainConfig.from_yaml(run.config).data_config
     out = _check_out_dir(Path(out_dir), [dataset, run.path])
-    files, counts = _plan(run, dataset, data_cfg, store, cfg, since)
+    gate = _check_out_dir(Path(gate_dir), [dataset, run.path, out]) if gate_dir is not None else None
+    files, counts, raters = _plan(run, dataset, data_cfg, store, cfg, since, hold_out=gate is not None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    gate_tmp = Path(tempfile.mkdtemp(prefix=f".{gate.name}.tmp-", dir=gate.parent)) if gate else None
     try:
-        os.chmod(tmp, 0o777 & ~current_umask())
+        for folder in (tmp, gate_tmp):
+            if folder:
+                os.chmod(folder, 0o777 & ~current_umask())
         placed = {"linked": 0, "copied": 0}
-        chosen = [f for f in files if f["decision"] == "in"]
+        chosen = [f for f in files if f["decision"] in ("in", "gate")]
         for f in tqdm(chosen, desc="collecting retraining data", unit="img", disable=not progress, file=sys.stderr):
             placed[_place(Path(f["source_path"]), tmp / f["file"])] += 1
-        _write_metadata(tmp, files)
+        # one check over the training data and the gate's images together, so no image (or a near copy of one)
+        # is on both sides
+        _write_metadata(tmp, files, ("in", "gate"))
         report = scan_dataset(tmp, data_cfg, progress=progress)
         by_file = {f["file"]: f for f in chosen}
         counts["duplicates"] = counts["skipped_by_check"] = 0
@@ -264,36 +237,53 @@ def build_retrain_data(champion_run: Path, store: Store, cfg: MonitorConfig, out
             if f is None:
                 continue
             (tmp / s.path).unlink(missing_ok=True)
+            if f["decision"] == "gate":
+                counts["held_out"] -= 1
             f.update(decision="out", reason=f"{f['reason']}; removed by the dataset check: {s.reason}: {s.detail}")
             counts["duplicates" if s.reason in DUPLICATE_REASONS else "skipped_by_check"] += 1
+        if gate_tmp is not None:
+            for f in chosen:
+                if f["decision"] == "gate":
+                    name = posixpath.basename(f["file"])
+                    os.replace(tmp / f["file"], gate_tmp / name)
+                    f["file"] = name
+            shutil.rmtree(tmp / "gate", ignore_errors=True)
+            _write_metadata(tmp, files)
+            if counts["held_out"]:
+                report = scan_dataset(tmp, data_cfg, progress=progress)  # the report of what trains, alone
         trained = {it.path: it for it in report.items}
         for f in chosen:
-            item = trained.get(f["file"])
+            item = trained.get(f["file"]) if f["decision"] == "in" else None
             if item is not None and f.get("sha256_trained") and item.sha256 != f["sha256_trained"]:
                 f["reason"] += " (the file changed since the champion trained on it)"
         _write_metadata(tmp, files)
         report.root = display(out)
         counts.update(champion=sum(1 for f in files if f["source"] == "champion" and f["decision"] == "in"),
                       added=sum(1 for f in files if f["source"] == "generation" and f["decision"] == "in"),
-                      total=len(report.items), **placed)
-        record = {"format": RECORD_FORMAT, "version": 1,
+                      total=len(report.items), raters=raters["contributed"], **placed)
+        record = {"format": RECORD_FORMAT, "version": 2,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "champion_run": str(run.path.absolute()), "dataset": str(dataset),
                   "since": since.isoformat() if since else None,
-                  "settings": {"keep_rating": cfg.keep_rating, "drop_rating": cfg.drop_rating,
-                               "max_new_images": cfg.max_new_images},
-                  "counts": counts, "fingerprint": report.fingerprint,
+                  "settings": {k: getattr(cfg, k) for k in ("keep_rating", "drop_rating", "max_new_images",
+                                                            "min_raters", "max_rater_share", "gate_holdout_share")},
+                  "counts": counts, "left_out": left_out(counts), "raters": raters,
+                  "gate_dir": str(gate) if gate else None, "fingerprint": report.fingerprint,
                   "files": [{k: v for k, v in f.items() if k != "sha256_trained"} for f in files]}
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n",
                                        encoding="utf-8")
         report.save(tmp / REPORT_NAME)
         _fsync_tree(tmp)
         try:
+            if gate is not None and gate_tmp is not None:
+                _fsync_tree(gate_tmp)
+                os.replace(gate_tmp, gate)
             os.replace(tmp, out)  # onto a missing or empty folder only (checked above; rename refuses a full one)
         except OSError as e:
             raise RetrainDataError(f"cannot put the retraining data at {display(out)}: {e.strerror or e}; pass a "
                                    "new folder (nothing was written).") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return RetrainData(out, out / RECORD_NAME, counts, report, record["files"])
+        for folder in (tmp, gate_tmp):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+    return RetrainData(out, out / RECORD_NAME, counts, report, record["files"], gate, raters)

@@ -82,28 +82,28 @@ class _ReportQueries:
         with self.engine.begin() as conn:
             return int(conn.execute(q).scalar())
 
-    def rated_generations(self, since: Optional[dt.datetime] = None) -> tuple[list[dict[str, Any]], int]:
-        """Generations since ``since`` that have a rating or a thumb, each with its mean rating, rating count, mean
-        thumbs and thumbs count (``created`` as aware UTC), and how many generations since then have neither: what
-        the retraining data keeps or drops."""
-        votes = sa.func.count(feedback.c.rating) + sa.func.count(feedback.c.thumbs)
-        q = (sa.select(generations.c.id, generations.c.created, generations.c.prompt, generations.c.image_path,
-                       sa.func.avg(feedback.c.rating).label("rating"),
-                       sa.func.count(feedback.c.rating).label("ratings"),
-                       sa.func.avg(feedback.c.thumbs).label("thumbs"),
-                       sa.func.count(feedback.c.thumbs).label("thumbs_n"))
-             .select_from(generations.join(feedback, feedback.c.generation_id == generations.c.id))
-             .group_by(generations.c.id, generations.c.created, generations.c.prompt, generations.c.image_path)
-             .having(votes > 0))
+    def rating_votes(self, since: Optional[dt.datetime] = None) -> tuple[list[dict[str, Any]], int]:
+        """Every feedback row with a rating or a thumb on a generation created since ``since`` (all when None), one
+        dict each: the vote (``feedback_id``, ``client_id``, ``api_key_id``, ``rating``, ``thumbs``) and its
+        generation (``generation_id``, ``created`` as aware UTC, ``prompt``, ``image_path``), oldest vote first; and
+        how many generations since then have no such vote. The retraining data weighs votes per rater
+        (``monitor.raters``), so it reads them one by one rather than as averages."""
+        q = (sa.select(feedback.c.id.label("feedback_id"), feedback.c.client_id, feedback.c.api_key_id,
+                       feedback.c.rating, feedback.c.thumbs, generations.c.id.label("generation_id"),
+                       generations.c.created, generations.c.prompt, generations.c.image_path)
+             .select_from(feedback.join(generations, feedback.c.generation_id == generations.c.id))
+             .where(sa.or_(feedback.c.rating.is_not(None), feedback.c.thumbs.is_not(None)))
+             .order_by(feedback.c.id))
+        voted = (sa.select(sa.func.count(sa.distinct(feedback.c.generation_id)))
+                 .select_from(feedback.join(generations, feedback.c.generation_id == generations.c.id))
+                 .where(sa.or_(feedback.c.rating.is_not(None), feedback.c.thumbs.is_not(None))))
         total_q = sa.select(sa.func.count()).select_from(generations)
         if since is not None:
-            q = q.where(generations.c.created >= since)
+            q, voted = q.where(generations.c.created >= since), voted.where(generations.c.created >= since)
             total_q = total_q.where(generations.c.created >= since)
         with self.engine.begin() as conn:
             rows = [dict(r) for r in conn.execute(q).mappings()]
-            total = int(conn.execute(total_q).scalar())
+            total, with_votes = int(conn.execute(total_q).scalar()), int(conn.execute(voted).scalar())
         for r in rows:
             r["created"] = _utc(r["created"])
-            r["rating"] = None if r["rating"] is None else float(r["rating"])
-            r["thumbs"] = None if r["thumbs"] is None else float(r["thumbs"])
-        return rows, total - len(rows)
+        return rows, total - with_votes

@@ -99,7 +99,10 @@ def simulated_rating(image: Any, prompt: str) -> tuple[int, Optional[str]]:
 
 
 def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
-    """One wave of users: generate each prompt over HTTP, rate it, post the feedback. Returns the ratings."""
+    """One wave of users: generate each prompt over HTTP, rate it, post the feedback. Returns the ratings.
+
+    Each image is rated by the user who asked for it and by a second user who sees it (the same eyes, another client
+    id): retraining counts a generation only once ``min_raters`` (2) distinct raters voted on it."""
     from PIL import Image
 
     ratings = []
@@ -110,12 +113,13 @@ def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
             raise UserError(f"the demo's server answered {code} to txt2img: {str(body)[:200]}")
         img = body["images"][0]
         rating, thumbs = simulated_rating(Image.open(io.BytesIO(base64.b64decode(img["image_png_base64"]))), prompt)
-        fb = {"generation_id": img["generation_id"], "rating": rating, "client_id": f"{client}-{i}"}
-        if thumbs:
-            fb["thumbs"] = thumbs
-        code, body = _call(url + "/feedback", fb)
-        if code != 200:
-            raise UserError(f"the demo's server answered {code} to feedback: {str(body)[:200]}")
+        for rater in (f"{client}-{i}", f"{client}-{i}-viewer"):
+            fb = {"generation_id": img["generation_id"], "rating": rating, "client_id": rater}
+            if thumbs:
+                fb["thumbs"] = thumbs
+            code, body = _call(url + "/feedback", fb)
+            if code != 200:
+                raise UserError(f"the demo's server answered {code} to feedback: {str(body)[:200]}")
         ratings.append(rating)
     return ratings
 

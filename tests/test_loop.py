@@ -29,6 +29,7 @@ SETTINGS = {
     "train_overrides": {"max_steps": 4, "validation_every": 2, "sample_every": 4, "sample_steps": 2,
                         "sample_seeds": [0], "learning_rate": 1e-3, "early_stopping_patience": 0},
     "gate_images": 8, "gate_steps": 8, "kid_margin": 0.02, "latency_budget_s": 60.0,
+    "min_raters": 1,  # one client rates each image here; the rater rules have their own tests (test_retrain_raters)
     "export_settings": {"steps": 2, "reps": 1, "prompts": ["a red circle"], "seeds": [0], "latency_images": 1},
 }
 

@@ -25,7 +25,9 @@ from sdloop.errors import UserError
 from sdloop.runfolder import RunFolder
 
 NOW = dt.datetime.now(dt.timezone.utc)
-CFG = MonitorConfig.from_dict({"keep_rating": 4, "drop_rating": 2, "max_new_images": 100})
+# one rater per generation counts and no share cap: what the ratings alone decide (the rater rules have their tests)
+CFG = MonitorConfig.from_dict({"keep_rating": 4, "drop_rating": 2, "max_new_images": 100, "min_raters": 1,
+                               "max_rater_share": 1.0})
 
 
 def _png(img: Any) -> bytes:
@@ -119,7 +121,7 @@ def test_what_goes_in_and_why(world: dict[str, Any], built: dict[str, Any]) -> N
     files = _by_generation(result, world["ids"])
     for name in ("high", "good", "thumbs_up", "old"):
         assert files[name]["decision"] == "in" and files[name]["caption"] == f"a prompt for {name}", files[name]
-    assert "mean rating 5.00 of 2 client(s)" in files["high"]["reason"]
+    assert "mean rating 5.00 of 2 rater(s)" in files["high"]["reason"]
     assert files["good"]["rating"] == pytest.approx(4.5)
     assert "thumbs up" in files["thumbs_up"]["reason"]
     for name in ("low", "conflict", "middling", "missing", "no_image", "duplicate"):
@@ -168,7 +170,7 @@ def test_limit_since_and_an_empty_out_dir(world: dict[str, Any], tmp_path: Path,
     """max_new_images keeps the best first; ``since`` leaves older generations out; an empty folder is used."""
     out = tmp_path / "empty"
     out.mkdir()
-    cfg = MonitorConfig.from_dict({"max_new_images": 1})
+    cfg = MonitorConfig.from_dict({"max_new_images": 1, "min_raters": 1, "max_rater_share": 1.0})
     result = build_retrain_data(world["run"], world["store"], cfg, out, since=NOW - dt.timedelta(days=2),
                                 progress=True)
     files = _by_generation(result, world["ids"])
