@@ -189,8 +189,8 @@ BASE, FUSED, PLAIN = "pytorch base (no LoRA)", "pytorch fused LoRA", "plain ORT 
 def load_variant(name: str, case: dict[str, Any], work: Path, threads: int, target: str) -> Any:
     """One pipeline to time: PyTorch (base or fused LoRA), optimum's plain export, or an sdloop export."""
     from export.fuse import fuse_lora
-    from export.onnx import load_ort_pipeline
-    from export.optimize import open_export, providers_for, runtime, session_options
+    from export.optimize import runtime
+    from sdloop.exportload import load_ort_pipeline, open_export, providers_for, session_options
 
     if name.startswith("pytorch"):
         pipe = case["base"]() if name == BASE else case["lora"]()
@@ -201,7 +201,7 @@ def load_variant(name: str, case: dict[str, Any], work: Path, threads: int, targ
         rt = runtime(target, "fp32", threads)
         path = work / f"{case['name']}-plain-optimum"
         return load_ort_pipeline(path, providers_for(rt, path), session_options(rt), rt["use_io_binding"])
-    return open_export(work / f"{case['name']}-{target}-{name.split()[-1]}", threads=threads)
+    return open_export(work / f"{case['name']}-{target}-{name.split()[-1]}", threads=threads).pipe
 
 
 def child(name: str, case_name: str, work: Path, threads: int, target: str) -> None:

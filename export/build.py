@@ -3,8 +3,11 @@
 Steps (a progress bar shows each): load the base with the run's best LoRA, fuse and check the fusion, export with
 optimum, quantise (int8) and optimise per target keeping only what measurements show pays, store large graphs with
 external data, run ``onnx.checker``, compare the export's images with the fused PyTorch pipeline's, and write
-``manifest.json``. The folder is built under a temporary name and renamed into place at the end, so a failed export
-(a parity failure included) leaves the previous export, if any, as it was.
+``manifest.json`` (``sdloop.exportfolder.ExportManifest``: every file's size and SHA-256, the runtime it was measured
+with, its native size and limits, the source run, the parity and latency figures). Parity and latency are measured
+through the one loader every stage uses (``sdloop.exportload.open_export``). The folder is built under a temporary
+name and renamed into place at the end (``export.output``: where an export may be written, its marker, the
+leftovers of killed exports), so a failed export (a parity failure included) leaves the previous export as it was.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from export.config import ExportConfig
-from export.errors import ExportError
+from export.output import prepare_output
+from sdloop.exportfolder import MARKER, ExportManifest
 
-MARKER = "sdloop_export.json"
-SCHEMA = 1
+__all__ = ["ExportConfig", "ExportResult", "MARKER", "build_export", "export_pipeline", "prepare_output"]
 
 
 @dataclass
@@ -36,25 +39,6 @@ class ExportResult:
 
 
 # -- small helpers ----------------------------------------------------------------------------------------------------
-
-def is_export(path: Path) -> bool:
-    """Whether sdloop made this folder (its marker file)."""
-    return (Path(path) / MARKER).is_file()
-
-
-def prepare_output(output: Path) -> Path:
-    """Refuse an output that is a file, or a non-empty folder sdloop did not make; check the parent is writable."""
-    from sdloop.atomic import check_writable_dir
-
-    output = Path(output).expanduser().resolve()
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output {output} is a file; pass a folder.")
-    if output.is_dir() and any(output.iterdir()) and not is_export(output):
-        raise ExportError(f"--output {output} is not empty and was not made by sdloop export (no {MARKER}); "
-                          "choose a new or empty folder.")
-    check_writable_dir(output.parent, "the export's parent folder")
-    return output
-
 
 EXPORT_PACKAGES = ("sdloop", "torch", "diffusers", "transformers", "peft", "optimum", "optimum-onnx", "onnx",
                    "onnxruntime", "onnxruntime-gpu", "tensorrt")
@@ -152,11 +136,11 @@ def _parity(tmp: Path, cfg: ExportConfig, rt: dict[str, Any], cases: list, extra
     import gc
 
     from export import onnx as ox
-    from export import optimize as opt
     from export.fuse import generate
+    from sdloop.exportload import open_export
 
     steps.start("parity with PyTorch")
-    ort_pipe = opt.open_export(tmp, rt)
+    ort_pipe = open_export(tmp, verify=False, runtime=rt).pipe   # as the service will run it
     generate(ort_pipe, cases[:1], 1, size, cfg.guidance_scale)  # warm-up: first runs allocate
     images, ort_seconds = generate(ort_pipe, cases + extra, cfg.steps, size, cfg.guidance_scale)
     ort_lat = _latency(ort_pipe, ort_seconds, cfg, size)
@@ -178,36 +162,56 @@ def _parity(tmp: Path, cfg: ExportConfig, rt: dict[str, Any], cases: list, extra
     return figures, tolerance, ort_lat
 
 
-def _manifest(tmp: Path, cfg: ExportConfig, source: dict[str, Any], size: int, threads: int, fusion: Any,
-              figures: dict[str, Any], tolerance: Any, latency: tuple[Optional[float], Optional[float]],
-              optimizations: dict[str, Any], checker: Any, rt: dict[str, Any]) -> dict[str, Any]:
-    """EXPORT_DIR/manifest.json: where it came from, what was done to it, and the figures that prove it."""
+@dataclass
+class _Shape:
+    """What the PyTorch pipeline says about the sizes its export takes (read before the pipeline is dropped)."""
+
+    side_multiple: int   # a side must be a multiple of it: the VAE's scale times the UNet's downsamplings
+    max_tokens: int      # the text encoder's prompt length
+
+    @classmethod
+    def of(cls, pipe: Any) -> "_Shape":
+        blocks = len(getattr(pipe.unet.config, "block_out_channels", None) or [0])
+        return cls(int(getattr(pipe, "vae_scale_factor", 8)) * 2 ** max(0, blocks - 1),
+                   int(pipe.tokenizer.model_max_length))
+
+
+def _manifest(tmp: Path, export_id: str, cfg: ExportConfig, source: dict[str, Any], size: int, shape: _Shape,
+              threads: int, fusion: Any, figures: dict[str, Any], tolerance: Any,
+              latency: tuple[Optional[float], Optional[float]], optimizations: dict[str, Any], checker: Any,
+              rt: dict[str, Any]) -> ExportManifest:
+    """EXPORT_DIR/manifest.json: where it came from, what was done to it, how to run it, the sizes it serves (native:
+    the size it was checked at, the run's training resolution), every file's hash, and the figures that prove it."""
     from export import onnx as ox
+    from sdloop.exportfolder import file_table, limits_for
     from sdloop.provenance import git_commit, package_versions
 
     pt_lat, ort_lat = latency
-    return {
-        "kind": "sdloop-export", "schema_version": SCHEMA, "export_id": uuid.uuid4().hex,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **source, "target": cfg.target, "precision": cfg.precision,
+    extra = {k: v for k, v in source.items() if k != "source_run"}
+    extra.update({
         "checks": {"prompts": list(cfg.prompts), "seeds": list(cfg.seeds), "steps": cfg.steps, "size": size,
                    "guidance_scale": cfg.guidance_scale},
-        "fusion": fusion.to_dict(),
-        "parity": {**figures, "tolerance": tolerance, "passed": True},
-        "latency": {"pytorch_s": pt_lat, "export_s": ort_lat,
-                    "speedup": round(pt_lat / ort_lat, 3) if pt_lat and ort_lat else None,
-                    "threads": threads, "steps": cfg.steps, "size": size, "pytorch": "eager, fused LoRA"},
-        "optimizations": optimizations, "parts": ox.sizes(tmp), "checker": checker, "runtime": rt,
-        "config": dataclasses.asdict(cfg), "packages": package_versions(EXPORT_PACKAGES),
-        "git_commit": git_commit(),
-    }
+        "fusion": fusion.to_dict(), "optimizations": optimizations, "parts": ox.sizes(tmp), "checker": checker,
+        "config": dataclasses.asdict(cfg), "packages": package_versions(EXPORT_PACKAGES), "git_commit": git_commit(),
+    })
+    return ExportManifest(
+        export_id=export_id, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), target=cfg.target,
+        precision=str(cfg.precision), native_width=size, native_height=size,
+        limits=limits_for(size, shape.side_multiple, shape.max_tokens), runtime=rt, files=file_table(tmp),
+        source_run=dict(source.get("source_run") or {}),
+        parity={**figures, "tolerance": tolerance, "passed": True},
+        latency={"pytorch_s": pt_lat, "export_s": ort_lat,
+                 "speedup": round(pt_lat / ort_lat, 3) if pt_lat and ort_lat else None,
+                 "threads": threads, "steps": cfg.steps, "size": size, "pytorch": "eager, fused LoRA"},
+        extra=extra)
 
 
 def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str, Any], size: int,
                     progress: bool = True) -> ExportResult:
     """Fuse ``pipe``'s LoRA, export, optimise, check and write ``output`` atomically (see the module docstring).
 
-    ``source`` goes into the manifest as it is (the run it came from); ``size`` is the check images' side.
+    ``source`` goes into the manifest as it is (the run it came from); ``size`` is the check images' side and the
+    export's native size.
     """
     import gc
 
@@ -216,9 +220,14 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
     from export import onnx as ox
     from export import optimize as opt
     from export.fuse import fuse_and_check, generate
-    from sdloop.atomic import atomic_dir, write_json_atomic
+    from export.output import building, clean_leftovers, describe, write_marker
+    from sdloop.atomic import write_json_atomic
 
-    output = prepare_output(output)
+    run_path = (source.get("source_run") or {}).get("path")
+    output = prepare_output(output, Path(run_path) if run_path else None)
+    removed = clean_leftovers(output)
+    export_id = uuid.uuid4().hex
+    shape = _Shape.of(pipe)
     threads = cfg.threads or opt.default_threads()
     cases, extra = _check_cases(cfg)
     external = int(cfg.external_data_mb * 1e6)
@@ -234,7 +243,7 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
             reference, pt_seconds = reference + more, pt_seconds + more_seconds
         pt_lat = _latency(pipe, pt_seconds, cfg, size)   # warm: the unfused images ran first
         steps.done()
-        with atomic_dir(output) as tmp:
+        with building(output, export_id) as tmp:
             steps.start("optimum ONNX export")
             ox.export_onnx(pipe, tmp, opset=cfg.opset or None)
             del pipe
@@ -251,16 +260,18 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
             steps.done()
             figures, tolerance, ort_lat = _parity(tmp, cfg, rt, cases, extra, reference, size, steps)
             steps.start("manifest")
-            manifest = _manifest(tmp, cfg, source, size, threads, fusion, figures, tolerance, (pt_lat, ort_lat),
-                                 optimizations, checker, rt)
-            write_json_atomic(tmp / "manifest.json", manifest)
-            write_json_atomic(tmp / MARKER, {"kind": "sdloop-export", "export_id": manifest["export_id"]})
             ox.fix_permissions(tmp)
+            manifest = _manifest(tmp, export_id, cfg, source, size, shape, threads, fusion, figures, tolerance,
+                                 (pt_lat, ort_lat), optimizations, checker, rt).to_dict()
+            write_json_atomic(tmp / "manifest.json", manifest)
+            write_marker(tmp, export_id, finished=True)   # last: the folder is a finished export from here on
+            prepare_output(output, Path(run_path) if run_path else None)  # still ours to replace, after minutes
             steps.done()
     finally:
         steps.close()
         torch.set_num_threads(old_threads)
-    return ExportResult(output, manifest, summary_table(manifest))
+    summary = summary_table(manifest)
+    return ExportResult(output, manifest, summary + ("\n" + describe(removed) if removed else ""))
 
 
 def build_export(run_dir: Path, output: Optional[Path] = None, cfg: Optional[ExportConfig] = None,
@@ -276,7 +287,7 @@ def build_export(run_dir: Path, output: Optional[Path] = None, cfg: Optional[Exp
     require_target(cfg.target)
     if output is None:
         output = exports_dir() / f"{run.path.resolve().name}-{cfg.target}-{cfg.precision}"
-    prepare_output(output)
+    prepare_output(output, run.path)
     source = {
         "source_run": {"path": str(run.path.resolve()), "name": run.path.resolve().name,
                        "manifest": m.to_dict()},

@@ -154,22 +154,6 @@ def fix_permissions(export_dir: Path) -> None:
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
 
 
-def load_ort_pipeline(export_dir: Path, providers: Sequence[Any], session_options: Any = None,
-                      use_io_binding: Optional[bool] = None) -> Any:
-    """optimum's ORT pipeline on an export folder, with explicit providers and session options (never the hub)."""
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
-
-    # "You have disabled the safety checker": optimum builds the pipeline without one, as the export has none
-    logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = ORTStableDiffusionPipeline.from_pretrained(
-            str(export_dir), export=False, providers=list(providers), session_options=session_options,
-            use_io_binding=use_io_binding, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # -- parity ----------------------------------------------------------------------------------------------------------
 
 def compare_images(reference: Sequence[np.ndarray], images: Sequence[np.ndarray]) -> dict[str, float]:

@@ -8,7 +8,9 @@
 - ``cuda``: onnxruntime's transformer/diffusion fusions and fp16, run with IO binding.
 - ``tensorrt``: onnxruntime's TensorRT execution provider with an engine cache inside the export.
 
-A target this machine cannot run fails first, in one line naming what is missing.
+A target this machine cannot run fails first, in one line naming what is missing. Sessions are opened with the
+one loader's options (``sdloop.exportload.session_options``/``providers_for``), so what is measured here is what
+parity, the gate and the service run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from export.errors import ExportError, TargetUnavailableError
 from export.onnx import DATA_SUFFIX, GRAPH, graph_paths, store_graph
+from sdloop.exportload import providers_for, session_options
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp16", "fp32"), "tensorrt": ("fp16", "fp32")}
@@ -108,56 +111,6 @@ def runtime(target: str, precision: str, threads: int) -> dict[str, Any]:
     # without spinning against 0.15-0.27 s with it.
     return {"target": target, "providers": providers, "intra_op_num_threads": threads, "inter_op_num_threads": 1,
             "execution_mode": "sequential", "use_io_binding": target != "cpu", "allow_spinning": False}
-
-
-def session_options(rt: dict[str, Any], level: str = "ORT_ENABLE_ALL") -> Any:
-    """onnxruntime SessionOptions with the runtime's explicit threads (ORT's default spins a thread per core)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(rt["intra_op_num_threads"])
-    so.inter_op_num_threads = int(rt["inter_op_num_threads"])
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    so.log_severity_level = 3
-    if not rt.get("allow_spinning", True):
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return so
-
-
-def providers_for(rt: dict[str, Any], export_dir: Path) -> list[Any]:
-    """The runtime's providers with cache paths made absolute inside ``export_dir``."""
-    out = []
-    for name, opts in rt["providers"]:
-        opts = {k: (str(Path(export_dir) / v) if k.endswith("_path") else v) for k, v in opts.items()}
-        out.append((name, opts) if opts else name)
-    return out
-
-
-def open_export(export_dir: Path, rt: Optional[dict[str, Any]] = None, threads: Optional[int] = None) -> Any:
-    """The export as an optimum ORT pipeline, run as its manifest says (``rt`` overrides; ``threads`` too).
-
-    This is the loader the service should use: stock ``from_pretrained(DIR)`` works too, but with onnxruntime's
-    default threads and the CPU provider only.
-    """
-    import json
-
-    from export.onnx import load_ort_pipeline
-
-    if rt is None:
-        try:
-            rt = json.loads((Path(export_dir) / "manifest.json").read_text(encoding="utf-8"))["runtime"]
-        except (OSError, ValueError, KeyError):
-            raise ExportError(f"{export_dir} has no readable manifest.json with a runtime section; "
-                              "export it again with `sdloop export`.") from None
-    rt = dict(rt)
-    if threads:
-        rt["intra_op_num_threads"] = threads
-    if rt["target"] != "cpu":
-        require_target(rt["target"])
-    return load_ort_pipeline(export_dir, providers_for(rt, export_dir), session_options(rt),
-                             use_io_binding=rt.get("use_io_binding"))
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------------

@@ -1,13 +1,19 @@
 """sdloop export: the fused LoRA equals the unfused one, the ONNX export loads in stock optimum and matches PyTorch,
 large graphs use external data, parity failures are reported, int8 passes its KID check, unavailable targets say
-what is missing, and the command line works as a user types it."""
+what is missing, the manifest is the export contract (every file hashed, native size, limits, runtime), --output
+never replaces what is not ours to replace, a killed export's leftovers go at the next export, and the command line
+works as a user types it."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +22,12 @@ import onnxruntime as ort
 import pytest
 
 from export import onnx as ox
-from export.build import MARKER, ExportConfig, build_export
+from export.build import ExportConfig, build_export
 from export.errors import ExportError, ParityError, TargetUnavailableError
 from export.fuse import FUSE_TOLERANCE, fuse_and_check, generate, lora_layers
-from sdloop_cli.main import main
+from sdloop.exportfolder import MARKER, SCHEMA, ExportFolder
 from sdloop.runfolder import RunFolder
+from sdloop_cli.main import main
 
 CASES = [("a red circle on a blue background", 0), ("a green square", 1)]
 QUICK = {"prompts": [p for p, _ in CASES], "seeds": [0], "steps": 3, "threads": 1, "reps": 1, "latency_images": 1}
@@ -109,6 +116,39 @@ def test_export_loads_in_stock_optimum_and_matches_pytorch(fp32_export: Path, fu
     assert (fp32_export / MARKER).is_file()
 
 
+def test_manifest_is_the_export_contract(fp32_export: Path) -> None:
+    folder = ExportFolder(fp32_export)
+    manifest = folder.verify(cache=False)            # every file's size and SHA-256 as written
+    marker = folder.marker()
+    assert marker["finished"] is True and marker["export_id"] == manifest.export_id
+    assert manifest.schema_version == SCHEMA == 2 and manifest.native_width == manifest.native_height == 64
+    assert manifest.limits["side_multiple"] == 8 * 2 ** 1, "the tiny UNet halves its latent once"
+    assert manifest.limits["max_side"] == 256 and manifest.limits["max_tokens"] == 77
+    assert {"unet/model.onnx", "unet/model.onnx_data", "tokenizer/vocab.json", "model_index.json"} <= set(
+        manifest.files)
+    assert MARKER not in manifest.files and "manifest.json" not in manifest.files
+    assert manifest.runtime["allow_spinning"] is False and manifest.runtime["providers"][0][0] == "CPUExecutionProvider"
+    assert manifest.source_run["name"] == "tiny-run" and manifest.parity["passed"] and manifest.latency["export_s"]
+
+
+def test_output_rules(fp32_export: Path, tiny_run: Path, tmp_path: Path, workspace: Path, capsys) -> None:
+    from export.output import prepare_output
+
+    other = tmp_path / "other-run-export"
+    shutil.copytree(fp32_export, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["source_run"]["path"] = str(tmp_path / "another-run")
+    (other / "manifest.json").write_text(json.dumps(m))
+    assert main(["export", str(tiny_run), "--output", str(other), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a finished export of run" in err and "\n" not in err
+    assert prepare_output(fp32_export, tiny_run) == fp32_export.resolve(), "the same run may replace its export"
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(fp32_export, unfinished)
+    (unfinished / MARKER).write_text(json.dumps({"kind": "sdloop-export", "export_id": "x", "finished": False}))
+    assert prepare_output(unfinished, tmp_path / "any-run") == unfinished.resolve()
+
+
 def test_large_graphs_use_external_data_and_pass_the_checker(fp32_export: Path) -> None:
     unet = fp32_export / "unet" / "model.onnx"
     data = fp32_export / "unet" / "model.onnx_data"
@@ -133,7 +173,7 @@ def test_corrupted_graph_fails_parity_saying_by_how_much(fp32_export: Path, fuse
                                                          tmp_path: Path) -> None:
     from onnx import numpy_helper
 
-    from export.optimize import open_export
+    from sdloop.exportload import open_export
 
     bad = tmp_path / "bad"
     shutil.copytree(fp32_export, bad)
@@ -142,7 +182,7 @@ def test_corrupted_graph_fails_parity_saying_by_how_much(fp32_export: Path, fuse
     init = next(t for t in model.graph.initializer if "conv_in" in t.name and t.name.endswith("weight"))
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3.0, init.name))
     onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx_data")
-    images, _ = generate(open_export(bad), CASES, 3, 64, 7.5)
+    images, _ = generate(open_export(bad, verify=False).pipe, CASES, 3, 64, 7.5)   # as its manifest says
     figures = ox.compare_images(fused_reference, images)
     with pytest.raises(ParityError, match=r"largest pixel difference .* \(over by .*PSNR .* \(short by") as e:
         ox.check_parity(figures, "fp32")
@@ -240,3 +280,43 @@ def test_cli_export_default_output_reexport_and_user_mistakes(tiny_run: Path, wo
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert (foreign / "notes.txt").read_text() == "keep me" and sorted(p.name for p in foreign.iterdir()) == [
         "notes.txt"]
+
+
+def test_leftovers_of_a_killed_export_are_removed_by_the_next(tiny_run: Path, tmp_path: Path) -> None:
+    """kill -9 mid-way, then export again as a user would (a new process: a leftover must be older than it)."""
+    import fcntl
+
+    out = tmp_path / "exp"
+    argv = [sys.executable, "-m", "sdloop_cli", "export", str(tiny_run), "--output", str(out), "--steps", "2",
+            "--threads", "1", "--quiet", "--prompt", "a circle", "--set", "reps=1", "--set", "latency_images=1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 300
+        while not [d for d in tmp_path.glob(".exp.tmp-*") if ExportFolder(d).marker()]:
+            assert proc.poll() is None and time.monotonic() < end, "the export never started building"
+            time.sleep(0.2)
+        time.sleep(1.0)          # mid-way: the marker says unfinished, the ONNX export is being written
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [left] = list(tmp_path.glob(".exp.tmp-*"))
+    assert ExportFolder(left).marker()["finished"] is False and not out.exists()
+    # what the next export must leave: a folder that is not ours, and one a live export holds
+    foreign = tmp_path / ".exp.tmp-notours"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    live = tmp_path / ".exp.tmp-live"
+    live.mkdir()
+    (live / MARKER).write_text(json.dumps({"kind": "sdloop-export", "export_id": "y", "finished": False,
+                                           "started": 0}))
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        os.close(fd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"removed 1 leftover folder(s) of killed exports: {left}" in again.stdout
+    assert sorted(p.name for p in tmp_path.glob(".exp.tmp-*")) == [".exp.tmp-live", ".exp.tmp-notours"]
+    assert ExportFolder(out).verify(cache=False) and (foreign / "keep.txt").read_text() == "mine"
