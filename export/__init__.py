@@ -17,14 +17,15 @@ def demo_step(run_dir: Path, output: Optional[Path] = None, progress: bool = Tru
     """Export a run (cpu, fp32), publish it and promote it to champion; return (tag, ExportResult).
 
     For ``sdloop demo``: ``tag, result = demo_step(result.run_dir, progress=not args.quiet)``, then print
-    ``result.summary`` and the tag. ``settings`` are ExportConfig fields (e.g. ``steps=10``).
+    ``result.summary`` and the tag. ``settings`` are ExportConfig fields (e.g. ``steps=10``). The promotion is the
+    registry's: the version must pass its smoke test first, or the champion stays as it was.
     """
     from export.build import ExportConfig, build_export
-    from export.registry import champion, promote, publish
+    from export.registry import promote, publish
+    from sdloop.champion import current_champion_tag
 
     result = build_export(Path(run_dir), output, ExportConfig.from_dict(settings), progress=progress)
     tag, _ = publish(result.export_dir)
-    current = champion()
-    if current is None or current.tag != tag:
+    if current_champion_tag() != tag:
         promote(tag, reason=f"sdloop demo: export of {Path(run_dir).name}")
     return tag, result

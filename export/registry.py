@@ -1,80 +1,75 @@
 """Model versions: every export published into the BentoML model store, and which one is the champion.
 
-``publish`` saves an export folder as a new version of a BentoML model (default name ``sdloop``) in the workspace's
-store (``sdloop.workspace.bentoml_home()``); its labels and metadata carry the export manifest (source run, metrics,
-parity, precision), and the service loads it with ``bentoml.models.get(tag).path``.
+``publish`` checks an export folder completely (``ExportFolder.verify(cache=False)``: no symlink, nothing outside it,
+every component, every file's SHA-256) and copies it, file by file without following links and hashing what it copies,
+into a new version of a BentoML model (default name ``sdloop``) in the workspace's store (``sdloop.modelstore``,
+BentoML's public API). The stored copy is read-only and checked again; its labels carry the export id and the
+manifest's SHA-256, its metadata the manifest (source run, parity, latency). A published version never changes.
 
-The champion pointer lives beside the store in ``BENTOML_HOME/sdloop/NAME.champion.json``: the current champion, the
-stack of earlier champions that ``rollback`` returns to, and the history of every change (when, which, why, by whom).
-Every change takes an exclusive ``fcntl.flock`` on ``NAME.lock`` and rewrites the file atomically, so two promotions
-at once are applied one after the other: one champion, and a history in which each entry's ``previous`` is the
-entry before it. Stages: the champion; ``retired`` for a version that was champion once; ``candidate`` for the rest.
+The champion pointer and its history are ``sdloop.champion``'s. A version becomes the champion (``promote``, and
+``rollback`` to an earlier one) only after it passes the check the service would need: its files verify, it loads with
+the serving loader (``sdloop.exportload.open_export``) and draws a non-constant, finite image at its native size
+(``smoke_test``); otherwise the champion is untouched (one line, exit 1). Every change decides under the model's lock
+with the state read inside it: a version deleted or changed meanwhile is refused there, and ``prune`` never removes the
+champion or the version a rollback would return to. A damaged store entry never stops a command: ``list`` shows it
+with a ``damaged: <reason>`` note, and a command that needs it says why in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
-import json
+import gc
+import hashlib
 import os
-import shutil
-import time
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from export.errors import RegistryError
-from sdloop.champion import MODEL_NAME, champion_path
+from sdloop import champion as ch
+from sdloop import modelstore
+from sdloop.champion import MODEL_NAME
+from sdloop.errors import one_line
+from sdloop.exportfolder import MANIFEST, MARKER, ExportFolder, ExportFolderError, ExportManifest
+
+MANIFEST_LABEL = "manifest_sha256"
 
 
+@dataclass
+class Version:
+    """One published export: its tag, stage, when it was published, its labels, metadata and folder; ``damaged``
+    says why it cannot be served (None when it verifies)."""
 
-def _store() -> Any:
-    """The workspace's BentoML model store, named explicitly so every call uses it whatever was imported first."""
-    from sdloop.workspace import use_bentoml_home
+    tag: str
+    stage: str
+    created: str
+    labels: dict[str, str]
+    metadata: dict[str, Any]
+    path: Path
+    damaged: Optional[str] = None
 
-    home = use_bentoml_home()
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    from bentoml._internal.models import ModelStore
-
-    (home / "models").mkdir(parents=True, exist_ok=True)
-    return ModelStore(str(home / "models"))
-
-
-def _state_dir() -> Path:
-    path = champion_path(MODEL_NAME).parent
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _state_path(name: str) -> Path:
-    """The champion pointer: the shared layer names the place (the service reads it without importing export)."""
-    _state_dir()
-    return champion_path(name)
-
-
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[dict[str, Any]]:
-    """Hold the model's lock; yield its champion state; write it back atomically if the block changed it."""
-    import fcntl
-
-    from sdloop.atomic import write_json_atomic
-
-    with open(_state_dir() / f"{name}.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            state = read_state(name)
-            before = json.dumps(state, sort_keys=True)
-            yield state
-            if json.dumps(state, sort_keys=True) != before:
-                write_json_atomic(_state_path(name), state)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    def key_metrics(self) -> str:
+        md, parts = self.metadata, []
+        parity = md.get("parity") or {}
+        if isinstance(parity.get("kid"), (int, float)):
+            parts.append(f"KID {parity['kid']:.4f}")
+        if isinstance(parity.get("psnr"), (int, float)):
+            parts.append(f"PSNR {parity['psnr']:.1f} dB")
+        lat = md.get("latency") or {}
+        if isinstance(lat.get("export_s"), (int, float)):
+            parts.append(f"{lat['export_s']:.3f} s/img ({lat.get('speedup') or 0:.2f}x)")
+        if isinstance(md.get("best_val_loss"), (int, float)):
+            parts.append(f"val loss {md['best_val_loss']:.4f}")
+        for k, v in ((md.get("evaluation") or {}).get("metrics") or {}).items():
+            if isinstance(v, (int, float)):
+                parts.append(f"{k} {v:.4g}")
+        return ", ".join(parts)
 
 
 def check_name(name: str) -> str:
     """A model name BentoML accepts: lowercase letters, digits, '-', '_', '.', at most 63 characters."""
-    import re
-
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?", name):
         raise RegistryError(f"--name {name!r} is not a valid model name: lowercase letters, digits, '-', '_' or '.', "
                             "starting and ending with a letter or digit, at most 63 characters.")
@@ -83,45 +78,7 @@ def check_name(name: str) -> str:
 
 def read_state(name: str = MODEL_NAME) -> dict[str, Any]:
     """The champion state: {"champion": tag or None, "stack": [earlier champions..., champion], "history": [...]}."""
-    path = _state_path(check_name(name))
-    if not path.is_file():
-        return {"name": name, "champion": None, "stack": [], "history": []}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        assert isinstance(state, dict) and isinstance(state["stack"], list) and isinstance(state["history"], list)
-        return state
-    except (OSError, ValueError, KeyError, AssertionError):
-        raise RegistryError(f"{path} is damaged; restore it from a backup, or delete it to start with no champion "
-                            "(the versions in the store are not affected).") from None
-
-
-@dataclass
-class Version:
-    """One published export: its tag, stage, when it was published, its labels, metadata and folder."""
-
-    tag: str
-    stage: str
-    created: str
-    labels: dict[str, str]
-    metadata: dict[str, Any]
-    path: Path
-
-    def key_metrics(self) -> str:
-        md, parts = self.metadata, []
-        parity = md.get("parity", {})
-        if "kid" in parity:
-            parts.append(f"KID {parity['kid']:.4f}")
-        if "psnr" in parity:
-            parts.append(f"PSNR {parity['psnr']:.1f} dB")
-        lat = md.get("latency", {})
-        if lat.get("export_s"):
-            parts.append(f"{lat['export_s']:.3f} s/img ({lat.get('speedup') or 0:.2f}x)")
-        if md.get("best_val_loss") is not None:
-            parts.append(f"val loss {md['best_val_loss']:.4f}")
-        for k, v in ((md.get("evaluation") or {}).get("metrics") or {}).items():
-            if isinstance(v, (int, float)):
-                parts.append(f"{k} {v:.4g}")
-        return ", ".join(parts)
+    return ch.read_state(check_name(name))
 
 
 def _full_tag(tag: str, name: str) -> str:
@@ -136,48 +93,65 @@ def _stage(tag: str, state: dict[str, Any]) -> str:
     return "candidate"
 
 
-def _version(model: Any, state: dict[str, Any]) -> Version:
-    tag = str(model.tag)
-    return Version(tag, _stage(tag, state), model.creation_time.strftime("%Y-%m-%d %H:%M:%S"),
-                   dict(model.info.labels), dict(model.info.metadata), Path(model.path))
-
-
-def _get(tag: str, name: str) -> Any:
-    from bentoml.exceptions import BentoMLException, NotFound
-
+def _damage(sv: modelstore.StoredVersion) -> Optional[str]:
+    """Why a stored version cannot be served, or None: BentoML cannot read it, its files do not verify (cached per
+    file state), or its manifest is not the one that was published."""
+    if sv.problem:
+        return sv.problem
+    if not sv.path.is_dir():
+        return "its folder is gone from the store"
+    folder = ExportFolder(sv.path)
     try:
-        return _store().get(_full_tag(tag, name))
-    except NotFound:
-        raise RegistryError(f"no version {tag!r} of model {name!r} in the store; `sdloop models list` shows them.") \
-            from None
-    except (BentoMLException, ValueError) as e:
-        raise RegistryError(f"{tag!r} does not name one version ({str(e).splitlines()[0]}); pass the full tag "
-                            "from `sdloop models list`.") from None
+        manifest = folder.verify()
+    except ExportFolderError as e:
+        try:
+            problems = folder.problems()
+        except (ExportFolderError, OSError):
+            problems = []
+        return problems[0] if problems else one_line(e).replace(str(sv.path), "its folder")
+    except OSError as e:  # a file removed while it was read (a prune, a hand): the entry is not servable now
+        return f"its files changed while they were checked ({e.strerror or e})"
+    try:
+        digest = hashlib.sha256(folder.manifest_path.read_bytes()).hexdigest()
+    except OSError as e:
+        return f"manifest.json cannot be read ({e.strerror or e})"
+    if sv.labels.get(MANIFEST_LABEL) != digest:
+        return "manifest.json is not the one that was published (replaced after publishing)"
+    if sv.labels.get("export_id") != manifest.export_id:
+        return "its manifest names another export than the one that was published"
+    return None
 
 
-def _clean(value: Any) -> Any:
-    """A JSON value BentoML's metadata accepts (it refuses None)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_clean(v) for v in value if v is not None]
-    return value
+def _version(sv: modelstore.StoredVersion, state: dict[str, Any]) -> Version:
+    created = sv.created.strftime("%Y-%m-%d %H:%M:%S") if sv.created else "?"
+    return Version(sv.tag, _stage(sv.tag, state), created, sv.labels, sv.metadata, sv.path, _damage(sv))
 
 
 def list_versions(name: str = MODEL_NAME) -> list[Version]:
-    """Every version of the model, newest first, with its stage."""
-    from bentoml.exceptions import NotFound
-
+    """Every version of the model, newest first, with its stage and, for a damaged one, why; a champion whose folder
+    was deleted outside sdloop is listed too, so nobody overlooks it."""
     state = read_state(name)
-    try:
-        models = _store().list(name)
-    except NotFound:
-        return []
-    return [_version(m, state) for m in sorted(models, key=lambda m: m.creation_time, reverse=True)]
+    stored = sorted(modelstore.list_versions(name), key=lambda v: v.created.timestamp() if v.created else 0,
+                    reverse=True)
+    versions = [_version(sv, state) for sv in stored]
+    champ = state.get("champion")
+    if champ and champ not in {v.tag for v in versions}:
+        versions.insert(0, Version(champ, "champion", "?", {}, {}, Path(),
+                                   "its folder is gone from the store (deleted outside sdloop)"))
+    return versions
 
 
 def show(tag: str, name: str = MODEL_NAME) -> Version:
-    return _version(_get(tag, name), read_state(name))
+    """One version with its stage (and ``damaged`` note); RegistryError when the store has no such version."""
+    full = _full_tag(tag, check_name(name))
+    try:
+        sv = modelstore.get_version(full)
+    except modelstore.StoreError as e:
+        for v in list_versions(name):  # an entry BentoML cannot read is still shown, with why
+            if v.tag == full:
+                return v
+        raise RegistryError(one_line(e)) from None
+    return _version(sv, read_state(name))
 
 
 def champion(name: str = MODEL_NAME) -> Optional[Version]:
@@ -190,98 +164,232 @@ def history(name: str = MODEL_NAME) -> list[dict[str, Any]]:
     return list(read_state(name)["history"])
 
 
+# -- publish -----------------------------------------------------------------------------------------------------------
+
+def _clean(value: Any) -> Any:
+    """A JSON value BentoML's metadata accepts (it refuses None)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_clean(v) for v in value if v is not None]
+    return value
+
+
+def _copy_file(src: Path, dst: Path, rel: str, entry: dict[str, Any]) -> None:
+    """Copy one regular file without following a link, hashing what is copied: a file swapped after the check (a
+    link to a private file included) cannot reach the store, as its bytes would not match the manifest."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise ExportFolderError(f"{rel} cannot be read without following a link ({e.strerror or e}); an export "
+                                "holds regular files only.") from None
+    h = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise ExportFolderError(f"{rel} is not a regular file; an export holds regular files only.")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as fout:
+            for chunk in iter(lambda: fin.read(1 << 20), b""):
+                h.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
+    if size != entry["bytes"] or h.hexdigest() != entry["sha256"]:
+        raise ExportFolderError(f"{rel} changed while it was published (it no longer matches the manifest); "
+                                "nothing was published.")
+
+
+def _filler(src: Path, manifest: ExportManifest, manifest_bytes: bytes, marker_bytes: bytes,
+            then: Callable[[], None]) -> Callable[[Path], None]:
+    """Fill BentoML's new version folder; ``then`` runs last (it takes the lock before BentoML moves the version into
+    the store, so the long copy above runs without it)."""
+    def fill(dst: Path) -> None:
+        for rel, entry in sorted(manifest.files.items()):
+            _copy_file(src / rel, dst / rel, rel, entry)
+        (dst / MANIFEST).write_bytes(manifest_bytes)
+        (dst / MARKER).write_bytes(marker_bytes)
+        then()
+    return fill
+
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def publish(export_dir: Path, name: str = MODEL_NAME) -> tuple[str, bool]:
-    """Save an export folder as a new version; return (tag, created). An export already published is not copied
-    again: its existing tag comes back with created=False."""
-    import bentoml
+    """Save an export folder as a new, read-only version; return (tag, created). An export already published (and
+    intact) is not copied again: its tag comes back with created=False.
 
-    from export.build import MARKER, is_export
-    from export.onnx import fix_permissions, graph_paths
-
-    export_dir = Path(export_dir).expanduser().resolve()
-    if not is_export(export_dir):
-        raise RegistryError(f"{export_dir} is not an sdloop export (no {MARKER}); make one with "
+    Refused in one line (exit 2): not an sdloop export or unfinished, a symlink or special file anywhere, a path that
+    leaves the folder, a missing component, a file that does not match its SHA-256, no passed parity check.
+    """
+    check_name(name)
+    given = Path(export_dir).expanduser()
+    if not given.is_dir():
+        raise RegistryError(f"{given} is not a folder; pass a folder made by `sdloop export RUN_DIR --output DIR`.")
+    src = given.resolve()
+    folder = ExportFolder(src)
+    if not folder.is_export():
+        raise RegistryError(f"{src} is not an sdloop export (no {MARKER}); make one with "
                             "`sdloop export RUN_DIR --output DIR`.")
+    if not folder.is_finished():
+        raise RegistryError(f"{src} is an unfinished export (stopped or still running); export the run again.")
     try:
-        manifest = json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise RegistryError(f"{export_dir}/manifest.json is missing or damaged; export the run again.") from None
-    if not manifest.get("parity", {}).get("passed") or "unet" not in graph_paths(export_dir):
-        raise RegistryError(f"{export_dir} is incomplete (no passed parity check or no unet graph); export again.")
+        manifest_bytes, marker_bytes = _read_nofollow(folder.manifest_path), _read_nofollow(folder.marker_path)
+    except OSError as e:
+        raise RegistryError(f"{src}: its manifest or marker cannot be read without following a link "
+                            f"({e.strerror or e}); an export holds regular files only.") from None
+    manifest = folder.verify(cache=False)
+    if folder.manifest_path.read_bytes() != manifest_bytes:   # the stored copy is checked again below anyway
+        raise RegistryError(f"{src}/manifest.json changed while it was published; publish it again.")
+    if not manifest.parity.get("passed"):
+        raise RegistryError(f"{src} has no passed parity check; export the run again.")
     for v in list_versions(name):
-        if v.labels.get("export_id") == manifest["export_id"]:
+        if v.labels.get("export_id") == manifest.export_id and not v.damaged:
             return v.tag, False
-    run = manifest.get("source_run", {})
-    labels = {"kind": "sdloop-export", "export_id": manifest["export_id"], "source_run": str(run.get("name", "")),
-              "target": manifest["target"], "precision": manifest["precision"]}
-    metadata = _clean({k: v for k, v in manifest.items() if k != "source_run"})
+    run = manifest.source_run
+    labels = {"kind": "sdloop-export", "export_id": manifest.export_id, "source_run": str(run.get("name", "")),
+              "target": manifest.target, "precision": manifest.precision,
+              MANIFEST_LABEL: hashlib.sha256(manifest_bytes).hexdigest()}
+    metadata = _clean({k: v for k, v in manifest.to_dict().items() if k not in ("source_run", "files")})
     metadata["source_run"] = _clean({"name": run.get("name"), "path": run.get("path")})
-    metadata["export_dir"] = str(export_dir)
-    _store()  # BENTOML_HOME before bentoml reads it
-    with bentoml.models.create(name, labels=labels, metadata=metadata, _model_store=_store()) as model:
-        shutil.copytree(export_dir, model.path, dirs_exist_ok=True)
-    stored = _get(str(model.tag), name)
-    fix_permissions(Path(stored.path))  # BentoML's temp folder is 0700: the service may run as another user
-    return str(model.tag), True
+    metadata["export_dir"] = str(src)
+    with contextlib.ExitStack() as held:  # the lock from the end of the copy until the version is in the store
+        tag, path = modelstore.create(name, labels, metadata, _filler(
+            src, manifest, manifest_bytes, marker_bytes, lambda: held.enter_context(ch.lock(name))))
+    damage = _damage(modelstore.StoredVersion(tag, path, None, labels))  # hashes the stored copy: caches the check
+    if damage:
+        modelstore.delete(tag, path)
+        raise RegistryError(f"the stored copy of {src} does not verify ({damage}); nothing was published.")
+    return tag, True
 
 
-def _event(action: str, tag: str, previous: Optional[str], reason: str) -> dict[str, Any]:
+# -- the champion ------------------------------------------------------------------------------------------------------
+
+def _servable(full: str) -> tuple[str, dict[str, Any]]:
+    """Check that ``full`` can serve, as the service would load it: (export id, smoke-test figures).
+
+    Raises SmokeTestError (exit 1) naming the reason: damaged, does not load, draws a flat or non-finite image.
+    """
+    from sdloop.exportload import SmokeTestError, open_export, smoke_test
+
     try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no login name in some containers
-        user = str(os.getuid())
-    return {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, "tag": tag,
-            "previous": previous, "reason": reason, "user": user, "pid": os.getpid()}
+        sv = modelstore.get_version(full)
+    except modelstore.StoreError as e:
+        raise RegistryError(one_line(e)) from None
+    damage = _damage(sv)
+    if damage and not sv.path.is_dir():
+        raise RegistryError(f"{full} was deleted from the store while it was checked (a prune?); the champion is "
+                            "unchanged.")
+    if damage:
+        raise SmokeTestError(f"{full} cannot become the champion: it is damaged ({damage}); the champion is "
+                             "unchanged. Publish a fresh export of its run.")
+    try:
+        opened = open_export(sv.path)
+        try:
+            figures = smoke_test(opened)
+        finally:
+            export_id = opened.manifest.export_id
+            del opened
+            gc.collect()
+    except (ExportFolderError, OSError) as e:
+        why = one_line(e).replace(str(sv.path), "it").rstrip(".")
+        raise SmokeTestError(f"{full} cannot become the champion: {why}; the champion is unchanged.") from None
+    except SmokeTestError as e:
+        raise SmokeTestError(one_line(e).replace(str(sv.path), full)) from None
+    return export_id, figures
+
+
+def _still(full: str, export_id: str) -> None:
+    """Inside the lock: the version checked before is still in the store, intact and the same export."""
+    try:
+        sv = modelstore.get_version(full)
+    except modelstore.StoreError:
+        raise RegistryError(f"{full} was deleted from the store while it was checked (a prune?); the champion is "
+                            "unchanged.") from None
+    damage = _damage(sv)
+    if damage or sv.labels.get("export_id") != export_id:
+        raise RegistryError(f"{full} changed while it was checked ({damage or 'another export'}); the champion is "
+                            "unchanged.")
 
 
 def promote(tag: str, reason: str = "", name: str = MODEL_NAME) -> dict[str, Any]:
-    """Make ``tag`` the champion; the old one becomes the rollback target. Returns the history entry."""
-    full = str(_get(tag, name).tag)
-    with _locked(name) as state:
+    """Make ``tag`` the champion after its smoke test; the old one becomes the rollback target. Returns the history
+    entry (with the smoke test's figures)."""
+    try:
+        full = modelstore.version_path(_full_tag(tag, check_name(name)))[0]
+    except modelstore.StoreError as e:
+        raise RegistryError(one_line(e)) from None
+    if read_state(name).get("champion") == full:
+        raise RegistryError(f"{full} is already the champion.")
+    export_id, figures = _servable(full)
+    with ch.locked(name) as state:
         if state.get("champion") == full:
             raise RegistryError(f"{full} is already the champion.")
-        event = _event("promote", full, state.get("champion"), reason or "promoted")
-        state["stack"].append(full)
-        state["champion"] = full
-        state["history"].append(event)
-    return event
+        _still(full, export_id)
+        entry = ch.set_champion(state, "promote", full, reason or "promoted")
+        entry["smoke_test"] = figures
+    return entry
+
+
+def _present(name: str) -> set[str]:
+    """Tags in the store, readable or not (a deleted folder is not present; a damaged one is)."""
+    return {v.tag for v in modelstore.list_versions(name)}
+
+
+def _rollback_plan(state: dict[str, Any], present: set[str], name: str) -> tuple[list[str], str]:
+    """(new stack, version to return to): the last earlier champion still in the store."""
+    current = state.get("champion")
+    if current is None:
+        raise RegistryError(f"model {name!r} has no champion to roll back; promote one with "
+                            "`sdloop models promote TAG`.")
+    stack = list(state["stack"][:-1])
+    while stack and stack[-1] not in present:  # earlier champions that were pruned
+        stack.pop()
+    if not stack:
+        raise RegistryError(f"{current} has no earlier champion left in the store to roll back to.")
+    return stack, stack[-1]
 
 
 def rollback(reason: str = "", name: str = MODEL_NAME) -> dict[str, Any]:
-    """Make the previous champion (that is still in the store) the champion again. Returns the history entry."""
-    store = _store()
-    with _locked(name) as state:
-        current = state.get("champion")
-        if current is None:
-            raise RegistryError(f"model {name!r} has no champion to roll back; promote one with "
-                                "`sdloop models promote TAG`.")
-        stack = list(state["stack"][:-1])
-        while stack and not store.list(stack[-1]):  # skip earlier champions that were deleted
-            stack.pop()
-        if not stack:
-            raise RegistryError(f"{current} has no earlier champion left in the store to roll back to.")
-        event = _event("rollback", stack[-1], current, reason or "rolled back")
-        state["stack"], state["champion"] = stack, stack[-1]
-        state["history"].append(event)
-    return event
+    """Make the previous champion that is still in the store the champion again, after its smoke test. Returns the
+    history entry."""
+    check_name(name)
+    _, target = _rollback_plan(read_state(name), _present(name), name)
+    export_id, figures = _servable(target)
+    with ch.locked(name) as state:
+        stack, again = _rollback_plan(state, _present(name), name)
+        if again != target:
+            raise RegistryError(f"the champion changed while {target} was checked; run `sdloop models rollback` "
+                                "again.")
+        _still(target, export_id)
+        entry = ch.set_champion(state, "rollback", target, reason or "rolled back", stack=stack)
+        entry["smoke_test"] = figures
+    return entry
 
 
-def protected(state: dict[str, Any]) -> set[str]:
-    """Never pruned: the champion, the version a rollback would return to, and the champion before the last change
-    (after a rollback, the version rolled back from: it may be promoted again once fixed)."""
+def protected(state: dict[str, Any], present: Optional[set[str]] = None) -> set[str]:
+    """Never pruned: the champion, the version a rollback would return to (the last earlier champion still in the
+    store), and the champion before the last change (after a rollback, the version rolled back from: it may be
+    promoted again once fixed)."""
     last = state["history"][-1].get("previous") if state["history"] else None
-    return {t for t in (state.get("champion"), *(state["stack"][-2:-1]), last) if t}
+    earlier = [t for t in state["stack"][:-1] if present is None or t in present]
+    return {t for t in (state.get("champion"), *earlier[-1:], last) if t}
 
 
 def prune(keep: int, name: str = MODEL_NAME) -> list[str]:
-    """Delete all but the ``keep`` newest versions, never the champion or the previous one; return what went."""
-    if not isinstance(keep, int) or keep < 0:
+    """Delete all but the ``keep`` newest versions, never the champion or the one a rollback returns to; return what
+    went. The champion state and the versions are read under the lock, so a promotion cannot slip in between."""
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
         raise RegistryError(f"--keep must be an integer >= 0, got {keep!r}.")
-    store = _store()
-    with _locked(name) as state:
-        safe = protected(state)
-        versions = list_versions(name)
-        doomed = [v.tag for v in versions[keep:] if v.tag not in safe]
-        for tag in doomed:
-            store.delete(tag)
-    return doomed
+    check_name(name)
+    with ch.locked(name) as state:
+        stored = sorted(modelstore.list_versions(name), key=lambda v: v.created.timestamp() if v.created else 0,
+                        reverse=True)
+        safe = protected(state, {v.tag for v in stored})
+        doomed = [v for v in stored[keep:] if v.tag not in safe]
+        for v in doomed:
+            modelstore.delete(v.tag, v.path)
+    return [v.tag for v in doomed]

@@ -75,7 +75,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     versions = list_versions(args.name)
     if args.json:
         print(json.dumps([{"tag": v.tag, "stage": v.stage, "created": v.created, "labels": v.labels,
-                           "key_metrics": v.key_metrics()} for v in versions], indent=2))
+                           "key_metrics": v.key_metrics(), "damaged": v.damaged} for v in versions], indent=2))
         return 0
     if not versions:
         print(f"no versions of model {args.name!r} yet; publish one with `sdloop models publish EXPORT_DIR`.")
@@ -83,8 +83,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     print(f"{'TAG':32s} {'STAGE':9s} {'SOURCE RUN':24s} {'TARGET':14s} {'PUBLISHED (UTC)':19s}  KEY METRICS")
     for v in versions:
         target = f"{v.labels.get('target', '?')}/{v.labels.get('precision', '?')}"
+        note = f"damaged: {v.damaged}" if v.damaged else v.key_metrics()
         print(f"{v.tag:32s} {v.stage:9s} {v.labels.get('source_run', '?')[:24]:24s} {target:14s} {v.created:19s}  "
-              f"{v.key_metrics()}")
+              f"{note}")
     return 0
 
 
@@ -94,7 +95,8 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     v = show(args.tag, args.name)
     events = [e for e in history(args.name) if v.tag in (e.get("tag"), e.get("previous"))]
     print(json.dumps({"tag": v.tag, "stage": v.stage, "created": v.created, "path": str(v.path),
-                      "labels": v.labels, "metadata": v.metadata, "champion_history": events}, indent=2))
+                      "damaged": v.damaged, "labels": v.labels, "metadata": v.metadata,
+                      "champion_history": events}, indent=2))
     return 0
 
 
@@ -103,6 +105,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
     e = promote(args.tag, args.reason or "", args.name)
     print(f"champion: {e['tag']} (was {e['previous'] or 'none'}); reason: {e['reason']}")
+    print(_smoke_line(e))
     return 0
 
 
@@ -111,15 +114,23 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
     e = rollback(args.reason or "", args.name)
     print(f"champion: {e['tag']} (rolled back from {e['previous']}); reason: {e['reason']}")
+    print(_smoke_line(e))
     return 0
+
+
+def _smoke_line(e: dict[str, Any]) -> str:
+    """What the smoke test saw before the version became the champion."""
+    s = e.get("smoke_test") or {}
+    return (f"smoke test: one {s.get('width')}x{s.get('height')} image in {s.get('steps')} steps, pixel range "
+            f"{s.get('pixel_range')} of 255, loaded as the service loads it")
 
 
 def cmd_models_prune(args: argparse.Namespace) -> int:
     from export.registry import prune
 
     gone = prune(args.keep, args.name)
-    print(f"deleted {len(gone)} version(s){': ' + ', '.join(gone) if gone else ''}; the champion and the previous "
-          "one are always kept")
+    print(f"deleted {len(gone)} version(s){': ' + ', '.join(gone) if gone else ''}; the champion and the version a "
+          "rollback returns to are always kept")
     return 0
 
 
@@ -130,8 +141,8 @@ def cmd_models_history(args: argparse.Namespace) -> int:
     if not events:
         print(f"model {args.name!r} has had no champion yet.")
     for e in events:
-        print(f"{e['when']}  {e['action']:8s} {e['tag']}  (was {e.get('previous') or 'none'})  {e['reason']}  "
-              f"[{e.get('user', '?')}]")
+        print(f"{e.get('when', '?')}  {e.get('action', '?'):8s} {e.get('tag', '?')}  "
+              f"(was {e.get('previous') or 'none'})  {e.get('reason', '')}  [{e.get('user', '?')}]")
     return 0
 
 
@@ -202,9 +213,10 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
             ("publish", cmd_models_publish, "save an export folder as a new version (labels/metadata: its manifest)"),
             ("list", cmd_models_list, "every version with its stage, source run, key metrics and date"),
             ("show", cmd_models_show, "one version's labels, metadata, folder and champion history"),
-            ("promote", cmd_models_promote, "make a version the champion (the service serves it)"),
-            ("rollback", cmd_models_rollback, "make the previous champion the champion again"),
-            ("prune", cmd_models_prune, "delete old versions, never the champion or the previous one"),
+            ("promote", cmd_models_promote, "make a version the champion (the service serves it) after its "
+             "smoke test"),
+            ("rollback", cmd_models_rollback, "make the previous champion the champion again, after its smoke test"),
+            ("prune", cmd_models_prune, "delete old versions, never the champion or the one a rollback returns to"),
             ("history", cmd_models_history, "when which version was champion, and why")):
         p = models_sub.add_parser(action, help=text)
         if action == "publish":
@@ -215,7 +227,7 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
             p.add_argument("--reason", help="why (kept in the history)")
         if action == "prune":
             p.add_argument("--keep", type=int, required=True, help="newest versions to keep (plus the champion "
-                           "and the previous one)")
+                           "and the one a rollback returns to)")
         if action == "list":
             p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--name", default="sdloop", help="model name in the store (default sdloop)")

@@ -1,6 +1,8 @@
 """sdloop models: publish exports into the BentoML store, list them with their stage, promote and roll back the
 champion with a history, prune without losing the champion or the previous one, and stay consistent when two
-processes promote at once."""
+processes promote at once. Then the store as an attacker or a careless user meets it: exports written into the store,
+NaN weights, random bytes, missing components, symlinks to private files, a promotion racing a prune, and damaged
+store entries; each is refused in one line, never with a traceback, and the champion keeps serving."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +21,8 @@ import pytest
 from export import registry as reg
 from export.build import ExportConfig, build_export
 from export.errors import RegistryError
+from sdloop.exportfolder import ExportFolder, ExportFolderError, file_table
+from sdloop.modelstore import make_writable, version_path
 from sdloop_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +77,12 @@ def test_publish_list_show_and_load_from_the_store(export_dir: Path, store: Path
     assert "PSNR" in v.key_metrics() and "val loss" in v.key_metrics()
     assert Path(v.path).is_relative_to(store / "models"), "the workspace's store, not ~/bentoml"
     assert os.stat(v.path).st_mode & 0o005 == 0o005 & ~_umask(), "readable by the service's user"
+    assert v.damaged is None and ExportFolder(v.path).verify().export_id == v.labels["export_id"]
+    for f in Path(v.path).rglob("*"):   # immutable: read-only files and folders
+        assert f.stat().st_mode & 0o777 == (0o555 if f.is_dir() else 0o444) & ~_umask(), f
+    if os.geteuid() != 0:  # root writes through any mode
+        with pytest.raises(PermissionError):
+            (Path(v.path) / "unet" / "model.onnx").open("r+b")
     pipe = ORTStableDiffusionPipeline.from_pretrained(str(v.path))   # what the service will do with the champion
     assert pipe.unet is not None
     assert reg.show(tag.split(":")[1]).tag == tag, "a version alone is enough"
@@ -129,6 +140,11 @@ RACER = """
 import sys, time
 from pathlib import Path
 from export.registry import promote
+import sdloop.exportload as el
+from sdloop.exportfolder import ExportFolder
+# this test is about the lock, not the model: the version is verified, not loaded
+el.open_export = lambda path, **kw: type("Opened", (), {"manifest": ExportFolder(path).verify()})()
+el.smoke_test = lambda opened, **kw: {"width": 64, "height": 64}
 start, tags, n = Path(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
 while not start.exists():
     time.sleep(0.005)
@@ -203,3 +219,198 @@ def test_demo_step_exports_publishes_and_promotes(tiny_run: Path, store: Path, t
     again, _ = demo_step(tiny_run, tmp_path / "demo-export-2", progress=False, prompts=["a circle"], steps=2,
                          threads=1, reps=1, latency_images=1)
     assert again != tag and reg.champion().tag == again and reg.read_state()["stack"] == [tag, again]
+
+
+# -- the store as an attacker or a careless user meets it -------------------------------------------------------------
+
+def _user_error(capsys, code: int, argv: list[str], *needles: str) -> str:
+    """Run a command as a user types it; it must exit ``code`` with one line naming every needle."""
+    assert main(argv) == code, argv
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def _retable(folder: Path) -> None:
+    """Rewrite a copied export's file table after changing its files, as a careful forger would: only the checks
+    that do not trust the table (components, symlinks, the smoke test) can catch it."""
+    m = json.loads((folder / "manifest.json").read_text())
+    m["files"] = file_table(folder)
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _overwrite_random(path: Path) -> None:
+    """Random bytes of the same size (so only the SHA-256 tells)."""
+    os.chmod(path, 0o644)
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def test_export_output_into_the_store_is_refused_and_the_version_intact(export_dir: Path, store: Path,
+                                                                       tiny_run: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    tag, _ = reg.publish(export_dir)
+    reg.promote(tag)
+    _, vpath = version_path(tag)
+    before = file_table(vpath)
+    link = tmp_path / "innocent"
+    link.symlink_to(vpath)
+    for out in (vpath, vpath.parent / "new-version", link, store):
+        _user_error(capsys, 2, ["export", str(tiny_run), "--output", str(out), "--quiet"], "model store")
+    assert file_table(vpath) == before and reg.list_versions()[0].damaged is None
+    assert main(["models", "list"]) == 0 and "damaged" not in capsys.readouterr().out
+
+
+def test_nan_weights_publish_but_never_become_the_champion(export_dir: Path, store: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    good, _ = reg.publish(export_dir)
+    reg.promote(good)
+    nan = _copy(export_dir, tmp_path / "nan", "nan-run")
+    path = nan / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f" and arr.size > 64:   # the weights; NaN shape constants would not even load
+            init.CopyFrom(numpy_helper.from_array(np.full_like(arr, np.nan), init.name))
+    onnx.save_model(model, str(path))
+    _retable(nan)
+    assert main(["models", "publish", str(nan)]) == 0, "its files are what its manifest says"
+    bad = capsys.readouterr().out.split()[1]
+    _user_error(capsys, 1, ["models", "promote", bad], "smoke test", "non-finite", "champion is unchanged")
+    assert reg.read_state()["champion"] == good and [e["tag"] for e in reg.history()] == [good]
+
+
+def test_random_bytes_refused_at_publish_and_in_a_published_version(export_dir: Path, store: Path,
+                                                                    tmp_path: Path, capsys) -> None:
+    from sdloop.exportload import open_export
+
+    forged = _copy(export_dir, tmp_path / "forged", "forged")
+    _overwrite_random(forged / "unet" / "model.onnx")
+    _user_error(capsys, 2, ["models", "publish", str(forged)], "unet/model.onnx", "SHA-256")
+    assert reg.list_versions() == [], "nothing reached the store"
+
+    a, b = _publish_n(export_dir, tmp_path, 2)
+    reg.promote(a)
+    reg.promote(b)
+    _, apath = version_path(a)
+    make_writable(apath)
+    _overwrite_random(apath / "unet" / "model.onnx")        # written into a published version behind our back
+    assert main(["models", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"{a}" in listed and "damaged: unet/model.onnx does not match its SHA-256" in listed
+    _user_error(capsys, 1, ["models", "rollback"], a, "damaged", "SHA-256", "champion is unchanged")
+    assert reg.read_state()["champion"] == b
+    with pytest.raises(ExportFolderError, match=r"damaged: unet/model.onnx does not match its SHA-256"):
+        open_export(apath)                                   # what the service's loader says
+    reg.promote(_publish_n(export_dir, tmp_path / "more", 1)[0])
+    _user_error(capsys, 1, ["models", "promote", a], "damaged", "SHA-256")
+
+
+@pytest.mark.parametrize("part", ["vae_decoder", "tokenizer"])
+def test_missing_component_refused_at_publish(export_dir: Path, store: Path, tmp_path: Path, part: str,
+                                              capsys) -> None:
+    lacking = _copy(export_dir, tmp_path / "lacking", "lacking")
+    shutil.rmtree(lacking / part)
+    _retable(lacking)
+    _user_error(capsys, 2, ["models", "publish", str(lacking)], f"lists no {part}")
+    assert reg.list_versions() == []
+
+
+def test_symlink_to_a_private_file_is_never_published(export_dir: Path, store: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the root password")
+    os.chmod(secret, 0o600)
+    for where in ("tokenizer/vocab.json", "notes.txt"):
+        linked = _copy(export_dir, tmp_path / f"linked-{where.replace('/', '-')}", "linked")
+        (linked / where).unlink(missing_ok=True)
+        (linked / where).symlink_to(secret)
+        _user_error(capsys, 2, ["models", "publish", str(linked)], "symlink")
+    assert reg.list_versions() == []
+    leaked = [f for f in store.rglob("*") if f.is_file() and b"root password" in f.read_bytes()]
+    assert leaked == []
+
+
+def test_promote_racing_prune_never_leaves_a_champion_outside_the_store(export_dir: Path, store: Path,
+                                                                        tmp_path: Path, monkeypatch,
+                                                                        capsys) -> None:
+    import sdloop.exportload as el
+
+    # the lock is under test, not the model: verify the version, skip loading it (NaN/flat images: tests above)
+    monkeypatch.setattr(el, "open_export", lambda path, **kw: type("Opened", (), {
+        "manifest": ExportFolder(path).verify()})())
+    monkeypatch.setattr(el, "smoke_test", lambda opened, **kw: {"width": 64, "height": 64})
+    first = _publish_n(export_dir, tmp_path / "first", 1)[0]
+    reg.promote(first)
+    for i in range(8):
+        [v] = _publish_n(export_dir, tmp_path / f"round{i}", 1)
+        codes: dict[str, int] = {}
+        go = threading.Barrier(2)
+
+        def run(key: str, argv: list[str]) -> None:
+            go.wait()
+            codes[key] = main(argv)
+
+        threads = [threading.Thread(target=run, args=("promote", ["models", "promote", v])),
+                   threading.Thread(target=run, args=("prune", ["models", "prune", "--keep", "0"]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        champ = reg.read_state()["champion"]
+        version_path(champ)                         # raises if the champion is not in the store
+        # promote either wins, or is refused (deleted before or while it was checked): never a traceback
+        assert codes["prune"] == 0 and codes["promote"] in (0, 1, 2), codes
+        assert reg.protected(reg.read_state()) <= {v.tag for v in reg.list_versions()}
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(line.startswith("error: ") for line in err.splitlines()), err
+
+
+def test_damaged_store_entries_never_traceback(export_dir: Path, store: Path, tmp_path: Path, capsys) -> None:
+    a, b, c, d = _publish_n(export_dir, tmp_path, 4)
+    for t in (a, b, c):
+        reg.promote(t)
+    paths = {t: version_path(t)[1] for t in (a, b, c, d)}
+    # b (the rollback target): its manifest replaced by one that says another native size
+    make_writable(paths[b])
+    m = json.loads((paths[b] / "manifest.json").read_text())
+    m["native_width"] = m["native_height"] = 512
+    (paths[b] / "manifest.json").write_text(json.dumps(m))
+    # d: BentoML's model.yaml is garbage
+    make_writable(paths[d])
+    (paths[d] / "model.yaml").write_text("{{{ not yaml ::: [")
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "damaged: manifest.json is not the one that was published" in rows[b] and "retired" in rows[b]
+    assert "damaged: BentoML cannot read" in rows[d] and "candidate" in rows[d]
+    assert "damaged" not in rows[c] and "champion" in rows[c]
+    for tag in (b, d):
+        assert main(["models", "show", tag]) == 0
+        assert json.loads(capsys.readouterr().out)["damaged"]
+    _user_error(capsys, 1, ["models", "rollback"], b, "damaged", "champion is unchanged")
+    assert reg.read_state()["champion"] == c
+    assert main(["models", "prune", "--keep", "0"]) == 0
+    assert d in capsys.readouterr().out, "a damaged candidate is pruned like any other"
+    # the champion's folder deleted behind our back
+    make_writable(paths[c])
+    shutil.rmtree(paths[c])
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert c in out and "damaged: its folder is gone from the store" in out
+    assert main(["models", "show", c]) == 0
+    assert "folder is gone" in json.loads(capsys.readouterr().out)["damaged"]
+    _user_error(capsys, 2, ["models", "promote", c], "no version")
+    _user_error(capsys, 1, ["models", "rollback"], b, "damaged")
+    assert main(["models", "prune", "--keep", "0"]) == 0 and main(["models", "history"]) == 0
+    # the pointer file itself damaged: one line, and nothing writes over it
+    (store / "sdloop" / "sdloop.champion.json").write_text("garbage")
+    for argv in (["models", "list"], ["models", "rollback"], ["models", "promote", b], ["models", "prune",
+                                                                                       "--keep", "0"]):
+        _user_error(capsys, 2, argv, "is damaged")
+    assert (store / "sdloop" / "sdloop.champion.json").read_text() == "garbage"
