@@ -45,8 +45,20 @@ _ELEMENT = {str: ("strings", 'e.g. ["a", "b"]'), int: ("integers", "e.g. [4, 8]"
             float: ("numbers", "e.g. [0.0001, 0.001]")}
 
 
+def optional_inner(tp: Any) -> Any:
+    """X for a declared ``Optional[X]`` (a setting that may be null, e.g. "the target's default"), else None."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
 def expected_text(tp: Any) -> str:
     """How an error names a declared type: 'a number (float)', 'a list of strings (list[str]), e.g. [...]'."""
+    inner = optional_inner(tp)
+    if inner is not None:
+        return f"{expected_text(inner)} or null"
     if tp is dict:
         return "a mapping of key: value"
     if typing.get_origin(tp) is list:
@@ -59,6 +71,7 @@ def expected_text(tp: Any) -> str:
 
 
 def _hint(value: Any, tp: Any) -> str:
+    tp = optional_inner(tp) or tp
     if isinstance(value, bool) and tp is str:
         return "; quote it in YAML (e.g. \"no\")"
     if isinstance(value, str) and tp in (int, float) and _is_number(value):
@@ -102,6 +115,16 @@ def _accepts(value: Any, tp: Any) -> bool:
     raise TypeError(f"unsupported config type {tp!r}")  # a declaration this module does not know: a bug
 
 
+def _accepts_shape(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the declared type ``tp`` (scalar, list[scalar] or dict), before normalising."""
+    if tp is dict:
+        return isinstance(value, Mapping)
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_accepts(v, elem) for v in value)
+    return _accepts(value, tp)
+
+
 def _normalised(name: str, shown: Any, value: Any, tp: Any) -> Any:
     """A value of the right type, normalised: ints in float slots become floats; no infinities, NaNs or NULs."""
     if tp is float:
@@ -120,9 +143,16 @@ def _normalised(name: str, shown: Any, value: Any, tp: Any) -> Any:
 def check_value(name: str, value: Any, tp: Any) -> Any:
     """``value`` checked against the declared type ``tp`` (scalar or list[scalar]) and normalised.
 
-    Lists come back as lists (a tuple is accepted), ints in float slots as floats. Sections (dataclass types) are
-    handled by ``check_types``.
+    Lists come back as lists (a tuple is accepted), ints in float slots as floats; ``Optional[X]`` takes None or
+    an X. Sections (dataclass types) are handled by ``check_types``.
     """
+    inner = optional_inner(tp)
+    if inner is not None:
+        if value is None:
+            return None
+        if not _accepts_shape(value, inner):
+            raise _wrong(name, value, tp)
+        return check_value(name, value, inner)
     if tp is dict:  # a free-form section (e.g. settings handed on to another stage, which checks them itself)
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"{name}={_short(value)} has the wrong type: expected a mapping of key: value.")
@@ -138,7 +168,8 @@ def check_value(name: str, value: Any, tp: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The declared type of each field of config dataclass ``cls`` (annotations resolved once per class)."""
     return typing.get_type_hints(cls)
 
 
@@ -149,7 +180,7 @@ def check_types(obj: Any, prefix: str) -> None:
     and the field's ``prefix`` metadata, so its errors say e.g. ``augment.flip_p``), ``None`` (its defaults) or an
     instance; anything else is named as the wrong type.
     """
-    hints = _hints(type(obj))
+    hints = field_types(type(obj))
     for f in dataclasses.fields(obj):
         tp, value, name = hints[f.name], getattr(obj, f.name), prefix + f.name
         if dataclasses.is_dataclass(tp):
