@@ -31,23 +31,21 @@ def cmd_base_tiny(args: argparse.Namespace) -> int:
 def cmd_base_pretrain(args: argparse.Namespace) -> int:
     from finetune.pretraining.pretrain import PretrainConfig, pretrain
 
-    cfg = None
     values = {k: getattr(args, k) for k in ("seed", "minutes", "vae_steps", "unet_steps", "images", "threads",
                                             "vae_downsamplings", "noise_offset") if getattr(args, k) is not None}
     if args.train_text_encoder:
         values["train_text_encoder"] = True
-    if args.resume and values:
-        print("note: --resume continues with the settings recorded in OUT_DIR/pretrain/config.json; "
-              f"ignoring {', '.join(sorted(values))}", file=sys.stderr)
-    elif not args.resume:
-        cfg = PretrainConfig(**values)
+    # a resume takes the recorded settings, except the step totals typed here; with nothing to resume it says so
+    # and starts over with what was typed (finetune.pretraining.pretrain.prepare_out)
+    cfg = None if args.resume else PretrainConfig(**values)
     command = ["sdloop", "base", "pretrain", str(args.out_dir)]
     for key in ("seed", "minutes", "vae_steps", "unet_steps", "images", "vae_downsamplings", "noise_offset",
                 "threads"):
         if getattr(args, key) is not None:
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += [f for f, on in (("--train-text-encoder", args.train_text_encoder), ("--resume", args.resume)) if on]
-    record = pretrain(args.out_dir, cfg, resume=args.resume, progress=not args.quiet, command=command)
+    record = pretrain(args.out_dir, cfg, resume=args.resume, progress=not args.quiet, command=command,
+                      given=values if args.resume else None)
     out = Path(args.out_dir).expanduser().resolve()
     print(f"pretrained the tiny SD-1.x base into {out} in {record['wall_seconds'] / 60:.1f} min "
           f"(VAE {record['phases']['vae']['steps']} steps, UNet {record['phases']['unet']['steps']} steps)")
@@ -60,12 +58,12 @@ def cmd_base_pretrain(args: argparse.Namespace) -> int:
 
 def _data_config(args: argparse.Namespace) -> Any:
     from finetune.training.config import DataConfig, TrainConfig, build_dataclass
-    from finetune.training.overrides import apply_overrides
+    from sdloop.overrides import apply_overrides
 
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values = TrainConfig.from_yaml(args.config).data_config.__dict__.copy()
-    values = apply_overrides({"data_config": values}, [f"data.{s}" for s in (args.set or [])])["data_config"]
+    values = apply_overrides(DataConfig, values, args.set or [])  # the one --set parser of every command
     if getattr(args, "caption_column", None):
         values["caption_column"] = args.caption_column
     return build_dataclass(DataConfig, values, prefix="data.")
@@ -134,7 +132,8 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     p.add_argument("--resume", action="store_true", help="continue the pretraining in OUT_DIR from its last "
-                   "checkpoint (with its recorded settings)")
+                   "checkpoint, with its recorded settings (step totals given here replace the recorded ones); "
+                   "with no checkpoint yet it says so and starts over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_base_pretrain)
 

@@ -170,11 +170,59 @@ def test_pretrain_front_door_refuses_what_it_must(tmp_path: Path, capsys) -> Non
     user.mkdir()
     (user / "keep.txt").write_text("mine")
     assert main(["base", "pretrain", str(user), "--quiet"]) == 2
-    assert main(["base", "pretrain", str(tmp_path / "nothing"), "--resume", "--quiet"]) == 2
+    assert main(["base", "pretrain", str(user), "--resume", "--quiet"]) == 2, "nothing of ours to resume there"
     assert main(["base", "pretrain", str(tmp_path / "bad"), "--images", "3", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert (user / "keep.txt").read_text() == "mine" and sorted(os.listdir(user)) == ["keep.txt"]
+    assert main(["base", "pretrain", str(tmp_path / "nothing"), "--resume", "--images", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "images=3" in err[0] and not (tmp_path / "nothing").exists()
+
+
+def test_resume_after_an_early_interrupt_says_it_starts_over_with_the_asked_steps(
+        uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Ctrl-C before the first checkpoint, then --resume: one line says there is nothing to resume, the run starts
+    over with the step totals typed (not silently, not with the recorded ones), and ends as an uninterrupted run;
+    a later --resume of a run with checkpoints keeps its recorded totals unless new ones are typed."""
+    import finetune.pretraining.pretrain as pt
+
+    out = tmp_path / "c"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pt, "save_checkpoint", interrupted)  # killed during the first steps, before any checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(out, PretrainConfig(**{**TINY, "unet_steps": 2}), progress=False)
+    assert not list((out / "pretrain").rglob("step_*"))
+    capsys.readouterr()
+    assert main(["base", "pretrain", str(out), "--resume", "--unet-steps", "4", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    said = [line for line in captured.err.splitlines() if "resume" in line or "error" in line or "note" in line]
+    assert said == [f"no checkpoint in {out / 'pretrain'} to resume: starting over (VAE 4 steps, UNet 4 steps)"]
+    assert "(VAE 4 steps, UNet 4 steps)" in captured.out
+    record = json.loads((out / "sdloop_base.json").read_text())
+    assert record["phases"]["vae"]["steps"] == 4 and record["phases"]["unet"]["steps"] == 4
+    a, b = _weights(uninterrupted), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "a start over is the run the user asked for"
+
+    # a run with checkpoints: the recorded totals stay unless typed; a setting the weights were made with cannot
+    # change mid-run, and the note names it
+    assert "stopped" in pretrain(tmp_path / "d", PretrainConfig(**TINY), progress=False, stop_after=("vae", 2))
+    capsys.readouterr()
+    assert "stopped" in pretrain(tmp_path / "d", resume=True, progress=False, stop_after=("vae", 3),
+                                 given={"images": 99, "vae_steps": 4})
+    err = capsys.readouterr().err
+    assert "starting over" not in err and "ignoring images=99" in err and "vae_steps" not in err
+    config = tmp_path / "d" / "pretrain" / "config.json"
+    assert json.loads(config.read_text())["config"]["unet_steps"] == 4, "the recorded total stays"
+    assert pt.prepare_out(tmp_path / "d", None, True, ["sdloop"], {"unet_steps": 6}).unet_steps == 6
+    assert json.loads(config.read_text())["config"]["unet_steps"] == 6, "a typed total replaces it, for good"
+    assert "resuming with unet_steps=6" in capsys.readouterr().err
+    with pytest.raises(pt.PretrainError, match="below the 3 steps"):
+        pretrain(tmp_path / "d", resume=True, progress=False, given={"vae_steps": 2})
 
 
 # ---- the demo -------------------------------------------------------------------------------------------------------

@@ -128,24 +128,89 @@ class WorkDir:
             fh.write(json.dumps(row) + "\n")
 
 
-def prepare_out(out: Path, cfg: Optional[PretrainConfig], resume: bool, command: list[str]) -> PretrainConfig:
-    """Create ``out`` for a new run (refusing a folder that holds anything) or read the config of one to resume."""
+RESUMABLE = ("vae_steps", "unet_steps", "minutes")  # where a run stops, not what it computes: a resume may change them
+
+
+def _plan(cfg: PretrainConfig) -> str:
+    """The step totals a run will train, as a user reads them: 'VAE 400 steps, UNet 2000 steps'."""
+    return ", ".join(f"{name} {steps} steps" if steps else f"{name} within the {cfg.minutes:g}-minute budget"
+                     for name, steps in (("VAE", cfg.vae_steps), ("UNet", cfg.unet_steps)))
+
+
+def _write_config(work: WorkDir, cfg: PretrainConfig, command: list[str]) -> None:
+    write_json_atomic(work.config_path, {"config": asdict(cfg), "command": command, "started": time.time()})
+
+
+def _recorded(work: WorkDir) -> PretrainConfig:
+    try:
+        return PretrainConfig(**json.loads(work.config_path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PretrainError(f"{work.config_path} is damaged, so the pretraining cannot be resumed; start one in a "
+                            "new folder.") from None
+
+
+def _resumed(work: WorkDir, recorded: PretrainConfig, given: dict[str, Any]) -> PretrainConfig:
+    """The recorded config of a run with something to resume, with the step totals (and time budget) the user
+    changed explicitly for a phase that has not finished; every other change is named as ignored, because the
+    weights so far were computed with the recorded settings."""
+    progress = work.read_progress()
+    finished = {"vae_steps": "vae" in progress, "unet_steps": "unet" in progress, "minutes": "unet" in progress}
+    changed = {k: v for k, v in given.items() if v != getattr(recorded, k)}
+    applied = {k: v for k, v in changed.items() if k in RESUMABLE and not finished[k]}
+    ignored = [f"{k}={changed[k]}" for k in sorted(set(changed) - set(applied))]
+    if ignored:
+        print(f"note: --resume continues with the settings recorded in {work.config_path}; ignoring "
+              f"{', '.join(ignored)} (a finished phase, or a setting the weights so far were not made with)",
+              file=sys.stderr)
+    for key in ("vae_steps", "unet_steps"):
+        done = _checkpoints(work.ckpt_root(key.split("_")[0]))
+        reached = int(done[-1].name.split("_")[1]) if done else 0
+        if key in applied and 0 < applied[key] < reached:
+            raise PretrainError(f"--{key.replace('_', '-')} {applied[key]} is below the {reached} steps the "
+                                f"checkpoint in {work.root} has reached; give at least {reached}.")
+    if not applied:
+        return recorded
+    cfg = PretrainConfig(**{**asdict(recorded), **applied})
+    record = json.loads(work.config_path.read_text())
+    write_json_atomic(work.config_path, {**record, "config": asdict(cfg)})
+    print(f"resuming with {', '.join(f'{k}={v}' for k, v in applied.items())}: {_plan(cfg)}", file=sys.stderr)
+    return cfg
+
+
+def prepare_out(out: Path, cfg: Optional[PretrainConfig], resume: bool, command: list[str],
+                given: Optional[dict[str, Any]] = None) -> PretrainConfig:
+    """Create ``out`` for a new run (refusing a folder that holds anything) or read the config of one to resume.
+
+    ``given`` are the settings the user typed (on a resume: the rest come from the record). A resume with nothing
+    to resume (killed before its first checkpoint, or no pretraining here at all) says so in one line and starts
+    over, with the step totals the user asked for: silently starting over had looked like a resume that lost its
+    progress. ``cfg`` is the config of a new run (ignored on a resume that finds a run recorded).
+    """
     from sdloop.atomic import check_writable_dir
 
     work = WorkDir(out)
-    if resume:
-        if not work.config_path.is_file():
-            raise PretrainError(f"{out} holds no pretraining to resume (no {WORK}/config.json); start one without "
-                                "--resume.")
-        recorded = json.loads(work.config_path.read_text())
-        return PretrainConfig(**recorded["config"])
+    given = dict(given or {})
+    if resume and work.config_path.is_file():
+        recorded = _recorded(work)
+        if work.read_progress() or _checkpoints(work.ckpt_root(PHASES[0])):
+            return _resumed(work, recorded, given)
+        cfg = PretrainConfig(**{**asdict(recorded), **given})
+        print(f"no checkpoint in {work.root} to resume: starting over ({_plan(cfg)})", file=sys.stderr)
+        work.metrics_path.unlink(missing_ok=True)
+        _write_config(work, cfg, command)
+        return cfg
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if resume:
+            raise PretrainError(f"{out} holds no pretraining to resume (no {WORK}/config.json) and is not empty; "
+                                "choose a new folder (nothing was changed).")
         hint = " or pass --resume to continue it" if work.config_path.is_file() else ""
         raise PretrainError(f"{out} already exists and is not empty; choose a new folder{hint} (nothing was "
                             "changed).")
+    cfg = cfg or PretrainConfig(**given)
+    if resume:
+        print(f"no pretraining in {out} to resume: starting over ({_plan(cfg)})", file=sys.stderr)
     check_writable_dir(out, "output folder")
-    cfg = cfg or PretrainConfig()
-    write_json_atomic(work.config_path, {"config": asdict(cfg), "command": command, "started": time.time()})
+    _write_config(work, cfg, command)
     return cfg
 
 
@@ -181,6 +246,7 @@ def run_phase(phase: str, cfg: PretrainConfig, work: WorkDir, params: list[Any],
         optimizer.load_state_dict(found["optimizer"])
         load_fn(found["weights"], found["ema"])
         start, elapsed = found["state"]["step"], found["state"]["elapsed"]
+    if work.metrics_path.is_file():  # rows a killed run logged after its last checkpoint (or before its first)
         work.truncate_metrics(phase, start)
     bar = tqdm(total=total or None, initial=start, desc=f"pretrain {phase}", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -309,10 +375,13 @@ class EMA:
 
 
 def pretrain(out: str | Path, cfg: Optional[PretrainConfig] = None, resume: bool = False, progress: bool = True,
-             command: Optional[list[str]] = None, stop_after: Optional[tuple[str, int]] = None) -> dict[str, Any]:
+             command: Optional[list[str]] = None, stop_after: Optional[tuple[str, int]] = None,
+             given: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Pretrain the tiny base into ``out`` (or continue it with ``resume``); return the record it writes.
 
-    ``stop_after=(phase, step)`` stops after that step with a checkpoint, as a kill would (tests use it).
+    ``given``: on a resume, the settings the user typed (see ``prepare_out``: explicit step totals apply, a resume
+    with no checkpoint starts over with them). ``stop_after=(phase, step)`` stops after that step with a
+    checkpoint, as a kill would (tests use it).
     """
     import torch
 
@@ -321,7 +390,7 @@ def pretrain(out: str | Path, cfg: Optional[PretrainConfig] = None, resume: bool
     out = Path(out).expanduser().resolve()
     work = WorkDir(out)
     command = command or ["sdloop", "base", "pretrain", str(out)]
-    cfg = prepare_out(out, cfg, resume, command)
+    cfg = prepare_out(out, cfg, resume, command, given)
     if resume and (out / "sdloop_base.json").is_file() and "unet" in work.read_progress():
         return json.loads((out / "sdloop_base.json").read_text())
     torch.set_num_threads(cfg.threads)
