@@ -98,7 +98,7 @@ def child_sdloop(spec: dict[str, Any], role: str, out_dir: Path) -> dict[str, An
     t_torch = time.time()
     import finetune.training.train as ftrain
     from finetune.training.config import TrainConfig, tiny_overrides
-    from finetune.training.overrides import apply_overrides
+    from sdloop.overrides import apply_overrides
 
     # instrumentation only: the trainer's documented event hook (TrainHooks.event) time-stamps its phases
     events: list = []
@@ -116,7 +116,7 @@ def child_sdloop(spec: dict[str, Any], role: str, out_dir: Path) -> dict[str, An
     if speed:
         values["early_stopping_patience"] = 0
     overrides = list(spec["sdloop_set"]) + list(spec.get("variant_set", []))
-    values = apply_overrides(values, overrides)
+    values = apply_overrides(TrainConfig, values, overrides)
     cfg = TrainConfig.from_dict(values)
     callbacks: list = []
 

@@ -2,9 +2,11 @@
 schedule.
 
 Every threshold an Evidently test uses is a field here, so no library default is ever silently in charge, and every
-field says what it does (``sdloop monitor report --help-config`` lists them). ``__post_init__`` checks each type and
-range and names the field, so a typo in ``$SDLOOP_HOME/monitor.yaml`` fails before any report runs. The defaults suit
-a service with at least a few dozen generations a day; the demo and the tests override only window sizes and counts.
+field says what it does (``sdloop monitor report --help-config`` lists them). ``__post_init__`` checks each type
+first (``check_types``, as every config does), then each range, and names the field, so a typo in
+``$SDLOOP_HOME/monitor.yaml`` or in ``--set`` (read by ``sdloop.overrides``, the parser of every command) fails before
+any report runs. The defaults suit a service with at least a few dozen generations a day; the demo and the tests
+override only window sizes and counts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from sdloop.config_types import build_dataclass, check_types, help_field
 from sdloop.configfile import ConfigError, load_config_file
+from sdloop.overrides import apply_overrides
 
 DRIFT_METHODS = ("psi", "wasserstein", "ks", "jensenshannon", "kl_div", "chisquare")
 CONFIG_FILE = "monitor.yaml"
@@ -164,8 +167,11 @@ class MonitorConfig:
         return build_dataclass(cls, values, prefix="")
 
     @classmethod
-    def load(cls, path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> "MonitorConfig":
-        """The settings in force: ``path`` (or ``$SDLOOP_HOME/monitor.yaml`` when it exists), then ``overrides``."""
+    def load(cls, path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
+             sets: Sequence[str] = ()) -> "MonitorConfig":
+        """The settings in force: ``path`` (or ``$SDLOOP_HOME/monitor.yaml`` when it exists), then ``overrides``,
+        then ``sets``: ``--set KEY=VALUE`` items, read by the one parser every command uses (``sdloop.overrides``),
+        so ``--set train_overrides.max_steps=50`` changes one key of the file's mapping and keeps the others."""
         from sdloop.workspace import home
 
         values: dict[str, Any] = {}
@@ -176,18 +182,9 @@ class MonitorConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{path or home() / CONFIG_FILE} must hold key: value lines (a mapping).")
         merged = dict(values)
-        for key, value in (overrides or {}).items():  # --set train_overrides.x=1 changes one key of the mapping
+        for key, value in (overrides or {}).items():  # a mapping setting given here changes only its keys
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value
-        return cls.from_dict(merged)
-
-
-def config_help() -> str:
-    """Every setting with its default and help, for ``--help-config``."""
-    lines = []
-    for f in dataclasses.fields(MonitorConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore
-        lines.append(f"{f.name} (default {default!r}): {f.metadata['help']}")
-    return "\n".join(lines)
+        return cls.from_dict(apply_overrides(cls, merged, sets))

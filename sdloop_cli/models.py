@@ -17,10 +17,10 @@ from sdloop.errors import UserError
 
 
 def _export_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """ExportConfig values from the flags, then --set KEY=VALUE (values read as YAML: numbers, lists, strings)."""
-    import yaml
-
-    from export.errors import ExportError
+    """ExportConfig values from the flags, then --set KEY=VALUE, read by the one parser every command uses
+    (``sdloop.overrides``: YAML 1.2, typed against the field, so ``--set guidance_scale=5e-1`` is a number)."""
+    from export.config import ExportConfig
+    from sdloop.overrides import apply_overrides
 
     values: dict[str, Any] = {}
     for key in ("target", "precision", "threads", "steps", "size"):
@@ -30,19 +30,19 @@ def _export_settings(args: argparse.Namespace) -> dict[str, Any]:
         values["prompts"] = list(args.prompt)
     if args.external_data_mb is not None:
         values["external_data_mb"] = args.external_data_mb
-    for item in args.set or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ExportError(f"--set {item!r} is not KEY=VALUE, e.g. --set int8_images=16.")
-        try:
-            values[key.strip()] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ExportError(f"--set {item!r}: the value is not valid YAML.") from None
-    return values
+    return apply_overrides(ExportConfig, values, args.set or [])
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Fuse a run's LoRA, export it with optimum, optimise it for a target, prove parity; print the summary."""
+    if args.help_config:
+        from export.config import ExportConfig
+        from sdloop.overrides import config_help
+
+        print(config_help(ExportConfig))
+        return 0
+    if args.run_dir is None:
+        args.export_parser.error("the following arguments are required: RUN_DIR")
     from export.build import ExportConfig, build_export
 
     cfg = ExportConfig.from_dict(_export_settings(args))
@@ -188,7 +188,7 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     """Add this module's commands to the top-level subparsers."""
     p = sub.add_parser("export", help="fuse a run's LoRA, export ONNX with optimum, optimise for onnxruntime, "
                        "check parity with PyTorch")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (sdloop train --output)")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a finished run folder (sdloop train --output)")
     p.add_argument("--output", help="export folder to write (default $SDLOOP_HOME/exports/<run>-<target>-<precision>)")
     p.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default=None,
                    help="onnxruntime execution provider to optimise for (default cpu)")
@@ -201,9 +201,11 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p.add_argument("--external-data-mb", dest="external_data_mb", type=float, default=None,
                    help="graphs whose weights reach this size use ONNX external data (default 1024)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any export setting, e.g. --set int8_images=16 --set keep=all (see export/build.py)")
+                   help="any export setting, e.g. --set int8_images=16 --set tolerances.min_psnr=45 (see "
+                   "--help-config)")
+    p.add_argument("--help-config", action="store_true", help="list every export setting with its default and help")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, export_parser=p)
 
     p_models = sub.add_parser("models", help="model versions in the BentoML store: publish, list, show, promote, "
                               "rollback, prune, history")

@@ -11,33 +11,16 @@ import argparse
 import datetime as dt
 import json
 import re
-import typing
 from typing import Any, Optional
 
 from sdloop.errors import UserError
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from finetune.training.overrides import parse_value
+    """The monitor settings in force: the file, then ``--set`` (read by ``sdloop.overrides``, like every command's)."""
     from monitor.config import MonitorConfig
-    from sdloop.configfile import ConfigError
 
-    hints = typing.get_type_hints(MonitorConfig)
-    values: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r} must look like key=value (e.g. min_feedback=20).")
-        head, _, sub = key.partition(".")
-        if sub:  # train_overrides.max_steps=20: one key of a mapping setting
-            if hints.get(head) is not dict:
-                raise ConfigError(f"--set {key}: only mapping settings (train_overrides, export_settings) take "
-                                  "a dotted key.")
-            values.setdefault(head, {})[sub] = parse_value(text)
-        else:
-            values[key] = parse_value(text, hints.get(key))
-    return MonitorConfig.load(args.config, values)
+    return MonitorConfig.load(args.config, sets=args.set or [])
 
 
 def parse_when(text: Optional[str], flag: str, now: dt.datetime) -> Optional[dt.datetime]:
@@ -84,9 +67,10 @@ def _windows(args: argparse.Namespace) -> dict[str, Any]:
 
 def _help_config(args: argparse.Namespace) -> bool:
     if getattr(args, "help_config", False):
-        from monitor.config import config_help
+        from monitor.config import MonitorConfig
+        from sdloop.overrides import config_help
 
-        print(config_help())
+        print(config_help(MonitorConfig))
         return True
     return False
 

@@ -7,7 +7,6 @@ Part of the command line (``sdloop_cli.main`` assembles the parser): it parses a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +30,7 @@ TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
 def build_train_config(args: argparse.Namespace, base_values: Optional[dict[str, Any]] = None) -> Any:
     """Config precedence: defaults < --config file < explicit flags < --set key=value."""
     from finetune.training.config import TrainConfig, load_config_file
-    from finetune.training.overrides import apply_overrides
+    from sdloop.overrides import apply_overrides
 
     values: dict[str, Any] = dict(base_values or {})
     if args.config:
@@ -44,8 +43,8 @@ def build_train_config(args: argparse.Namespace, base_values: Optional[dict[str,
         if v is not None:
             values[field] = v
     if getattr(args, "validation_split", None) is not None:
-        values = apply_overrides(values, [f"data_config.validation_split={args.validation_split}"])
-    values = apply_overrides(values, args.set or [])
+        values = _merge(values, {"data_config": {"validation_split": args.validation_split}})
+    values = apply_overrides(TrainConfig, values, args.set or [])  # the one --set parser of every command
     return TrainConfig.from_dict(values)
 
 
@@ -71,11 +70,10 @@ def _print_result(result: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from finetune.training.config import TrainConfig
-    from finetune.training.overrides import field_help
+    from sdloop.overrides import config_help
 
     if args.help_config:
-        for name, default, text in field_help(TrainConfig):
-            print(f"{name:36s} {json.dumps(default, default=str):>28s}  {text}")
+        print(config_help(TrainConfig))
         return 0
     if args.resume and args.output and (Path(args.output) / "config.yaml").is_file() and not args.config:
         args.config = str(Path(args.output) / "config.yaml")

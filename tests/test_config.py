@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from finetune.training.config import AugmentConfig, ConfigError, DataConfig, SearchSpace, TrainConfig, load_config_file
-from finetune.training.overrides import apply_overrides
+from sdloop.overrides import apply_overrides
 from sdloop_cli.main import main
 
 SECTIONS = {"data_config": (DataConfig, "data."), "augment": (AugmentConfig, "augment.")}
@@ -116,8 +116,9 @@ def test_right_types_are_normalised_not_refused() -> None:
     assert cfg.alpha == 16.0 and isinstance(cfg.alpha, float), "an int where a float is declared is a float"
     assert isinstance(cfg.augment.flip_p, float) and cfg.target_modules == ["to_q", "to_v"]
     assert cfg.data_config == DataConfig()
-    values = apply_overrides({}, ["mixed_precision=no", "learning_rate=1e-4", 'sample_prompts=["a red circle"]',
-                                  "data.caption_column=caption", "lr_scheduler='linear'", "augment.flip_p=0.5"])
+    values = apply_overrides(TrainConfig, {}, ["mixed_precision=no", "learning_rate=1e-4",
+                                               'sample_prompts=["a red circle"]', "data.caption_column=caption",
+                                               "lr_scheduler='linear'", "augment.flip_p=0.5"])
     cfg = TrainConfig.from_dict(values)
     assert cfg.mixed_precision == "no" and cfg.learning_rate == 1e-4 and cfg.sample_prompts == ["a red circle"]
     assert cfg.data_config.caption_column == "caption" and cfg.lr_scheduler == "linear"

@@ -271,7 +271,7 @@ def test_cli_export_default_output_reexport_and_user_mistakes(tiny_run: Path, wo
         (["export", str(tiny_run), "--precision", "fp16"], "--precision fp16 does not suit --target cpu"),
         (["export", str(tmp_path / "nope")], "does not exist"),
         (["export", str(tiny_run), "--set", "steps=0"], "steps=0 is invalid"),
-        (["export", str(tiny_run), "--set", "no_such=1"], "unknown export setting"),
+        (["export", str(tiny_run), "--set", "no_such=1"], "unknown config key no_such"),
         (["export", str(tiny_run), "--set", "steps"], "is not KEY=VALUE"),
     ]
     for argv, message in mistakes:
