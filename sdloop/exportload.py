@@ -38,7 +38,7 @@ def session_options(rt: dict[str, Any], level: str = "ORT_ENABLE_ALL") -> Any:
     so.inter_op_num_threads = int(rt.get("inter_op_num_threads") or 1)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: a graph that fails to load is our one line, not also a C++ log line
     if not rt.get("allow_spinning", True):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
