@@ -43,14 +43,16 @@ def cmd_review(args: argparse.Namespace) -> int:
     """Serve the blind review page for two runs (``sdloop review summary DIR`` reads the votes)."""
     if args.first == "summary":
         return cmd_review_summary(args)
-    from finetune.evaluation.review import ReviewServer, prepare_review
+    from finetune.evaluation.review import prepare_review
+    from finetune.evaluation.review_server import ReviewServer
 
     folder = prepare_review(args.first, args.second, out_dir=args.dir, prompts=args.prompts, n=args.n,
                             steps=args.steps, guidance=args.guidance, seed=args.seed, progress=not args.quiet)
     server = ReviewServer(folder, host=args.host, port=args.port)
     print(f"review folder: {folder}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: the page has no login; anyone who can reach {args.host}:{args.port} can vote.")
+        print(f"note: the page has no login; anyone who can reach {args.host}:{args.port} can open it and vote "
+              "(each browser is one signed reviewer; forged or altered reviewer ids are refused).")
     print(f"serving the blind review at {server.url}  (Ctrl-C stops; each vote is saved as it is cast)")
     print(f"results: sdloop review summary {folder}")
     try:
@@ -59,12 +61,13 @@ def cmd_review(args: argparse.Namespace) -> int:
         print("\nstopped; the votes are in " + str(folder / "votes.sqlite"))
     finally:
         server.httpd.server_close()
+        server.app.flush_refused()
     return 0
 
 
 def cmd_review_summary(args: argparse.Namespace) -> int:
     """Print the review's win rate, counts and sign test (``--json`` for the numbers as JSON)."""
-    from finetune.evaluation.review import summarize
+    from finetune.evaluation.review_summary import summarize
 
     summary = summarize(args.second)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else "\n".join(summary.lines()))

@@ -1,43 +1,57 @@
 """Blind human review of two runs: ``sdloop review RUN_A RUN_B`` and ``sdloop review summary DIR``.
 
 The review folder holds ``review.json`` (the pairs: prompt, seed, and one image of each run, copied in so the folder
-stands alone), ``images/`` and ``votes.sqlite``. A small stdlib web server shows each reviewer the pairs in their own
-random order, each pair's two images in a random left/right order fixed per reviewer, and never says which run made
-which. Each vote is one row, committed (sqlite WAL, synchronous=FULL) before the reply is sent, so a vote a reviewer
-saw accepted survives a crash; every request has its own connection, so concurrent reviewers are safe.
+stands alone), ``images/``, ``votes.sqlite`` and ``review.secret``. This module owns the folder and the votes: the
+web page is ``finetune.evaluation.review_server``, the statistics ``finetune.evaluation.review_summary``.
+
+Blindness and honest counting rest on the folder's secret (32 random bytes, made once, 0600, never sent anywhere):
+
+- which run a reviewer sees on the left of a pair is an HMAC of the reviewer id and the pair under the secret, so
+  knowing the source, the pair ids and the seeds tells nobody which side is which;
+- a reviewer id is random and handed out by the server in a cookie signed with the secret (``rid:name:sig``); a vote
+  counts only with a cookie the server signed, so invented or altered ids are refused (and counted as refused), and
+  nobody can vote as someone else by guessing their id;
+- one vote per reviewer and pair: a repeat replaces the earlier one.
+
+Each vote is one row, committed (sqlite WAL, synchronous=FULL) before the reply is sent, so a vote a reviewer saw
+accepted survives a crash; every request has its own connection, so concurrent reviewers are safe. The secret and the
+votes file are created 0600: with the secret anyone could forge reviewers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import html
+import hashlib
+import hmac
 import json
+import os
+import random
 import re
 import secrets
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
-from http import HTTPStatus
-from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
-from urllib.parse import parse_qs, urlparse
 
 from finetune.evaluation.inputs import (Generation, Model, default_n, generate, image_paths, make_seeds,
                                   read_prompts)
 from finetune.evaluation.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from finetune.evaluation.metrics import sign_test, wilson
 from sdloop.atomic import atomic_dir, write_json_atomic
 from sdloop.errors import UserError
 from sdloop.runfolder import RunFolder
-from sdloop.seeding import derive_seed, py_rng
 
 REVIEW_SCHEMA = "sdloop-review"
 COOKIE = "sdloop_reviewer"
+SECRET_FILE = "review.secret"
 CHOICES = ("left", "none", "right")
+REVIEWER_ID = re.compile(r"r[0-9a-f]{16}")
+REVIEWER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+DatabaseError = sqlite3.DatabaseError  # for the summary and the server, which import no database driver
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS votes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -52,6 +66,10 @@ CREATE TABLE IF NOT EXISTS votes (
     user_agent TEXT,
     UNIQUE (reviewer, pair)
 )"""
+# added since: the name a reviewer gave (?reviewer=NAME) and which secret signed the reviewer (NULL: a vote from
+# before reviewer ids were signed, which the summary does not count)
+LATER_COLUMNS = {"reviewer_name": "TEXT", "secret_id": "TEXT"}
+REFUSED_SQL = "CREATE TABLE IF NOT EXISTS refused (reason TEXT PRIMARY KEY, count INTEGER NOT NULL, last TEXT NOT NULL)"
 
 
 class ReviewError(UserError):
@@ -69,7 +87,8 @@ def database(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def connect(db: Path) -> sqlite3.Connection:
-    """A connection with WAL, full sync and a generous busy timeout (one per request/thread)."""
+    """A connection with WAL, full sync and a generous busy timeout (one per request/thread); a new file is 0600."""
+    _private_file(Path(db))
     conn = sqlite3.connect(str(db), timeout=30.0, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -143,9 +162,73 @@ def prepare_review(run_a: str | Path, run_b: str | Path, out_dir: Optional[str |
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "runs": {"a": str(a.path.resolve()), "b": str(b.path.resolve())},
             "generation": {"steps": steps, "guidance": guidance, "resolution": gen.resolution}, "pairs": pairs})
-        with database(tmp / "votes.sqlite") as conn:
-            conn.execute(SCHEMA_SQL)
+    review_secret(folder)  # after the folder is in place: atomic_dir gives its files the umask's mode
+    with database(folder / "votes.sqlite") as conn:
+        ensure_schema(conn)
     return folder
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (sqlite then opens it; a new votes file is private)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # an unwritable folder: sqlite's own error says so
+
+
+def review_secret(folder: Path, create: bool = True) -> Optional[bytes]:
+    """The folder's secret (32 random bytes), made once, 0600; None when it is missing and ``create`` is False.
+
+    Written to a private temporary file and hard-linked into place, so two servers starting together agree on one
+    secret and neither ever reads a half-written one."""
+    path = Path(folder) / SECRET_FILE
+    if not path.exists() and create:
+        fd, tmp = _private_temp(path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReviewError(f"{path} cannot be read ({type(e).__name__}); restore it or delete it (the votes cast "
+                          "so far then no longer count).") from None
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise ReviewError(f"{path} is damaged; delete it to make a new one (the votes cast so far then no longer "
+                          "count).")
+    return bytes.fromhex(text)
+
+
+def _private_temp(path: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp files are 0600
+
+
+def secret_id(secret: bytes) -> str:
+    """A public name of a secret (not the secret): which secret signed a vote."""
+    return hashlib.sha256(b"sdloop-review-secret-id:" + secret).hexdigest()[:12]
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """The votes table with today's columns (an older folder's table gains them) and the refusal counts."""
+    conn.execute(SCHEMA_SQL)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(votes)")}
+    for name, kind in LATER_COLUMNS.items():
+        if name not in have:
+            try:
+                conn.execute(f"ALTER TABLE votes ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as e:  # another server added it a moment ago
+                if "duplicate column" not in str(e):
+                    raise
+    conn.execute(REFUSED_SQL)
 
 
 def votes_count(folder: Path) -> int:
@@ -156,239 +239,138 @@ def votes_count(folder: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM votes").fetchone()[0])
 
 
-def left_run(reviewer: str, pair: int) -> str:
-    """Which run ('a' or 'b') this reviewer sees on the left for this pair: random, but the same on every reload."""
-    return "b" if derive_seed("review-side", reviewer, pair) & 1 else "a"
+@dataclass(frozen=True)
+class Reviewer:
+    """A reviewer the server handed out: a random id and the name they gave (empty when none)."""
+
+    id: str
+    name: str = ""
+
+    @property
+    def shown(self) -> str:
+        return self.name or self.id
 
 
-def order(reviewer: str, n: int) -> list[int]:
-    ids = list(range(n))
-    py_rng("review-order", reviewer).shuffle(ids)
-    return ids
-
-
-# -- the web page ----------------------------------------------------------------------------------------------------
-
-PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>sdloop blind review</title>
-<meta name="viewport" content="width=device-width,initial-scale=1"><style>
-body{{font:15px/1.45 system-ui,sans-serif;max-width:980px;margin:24px auto;padding:0 16px;color:#1d2327}}
-h1{{font-size:20px;margin:0}}.sub{{color:#5a6470;margin:2px 0 16px}}.prompt{{font-size:18px;margin:12px 0}}
-.pair{{display:grid;grid-template-columns:1fr 1fr;gap:20px}}figure{{margin:0;text-align:center}}
-img{{width:100%;max-width:420px;aspect-ratio:1;object-fit:contain;image-rendering:pixelated;border:1px solid #ccd;
-border-radius:6px;background:#fff}}figcaption{{color:#5a6470}}.buttons{{display:flex;gap:12px;margin:18px 0}}
-button{{flex:1;font-size:16px;padding:12px;border-radius:8px;border:1px solid #aab;background:#f3f5f7;cursor:pointer}}
-button:hover{{background:#e4e9ee}}.done{{background:#e6f4ea;padding:16px;border-radius:8px}}
-.small{{color:#6b7580;font-size:13px}}</style></head><body>
-<h1>Blind review</h1><p class="sub">{sub}</p>{body}
-<p class="small">Keys: 1 = left, 2 = no preference, 3 = right. Models are not named and sides are random.</p>
-<script>document.addEventListener('keydown',e=>{{const id={{'1':'vote-left','2':'vote-none','3':'vote-right'}}[e.key];
-const b=id&&document.getElementById(id);if(b)b.click();}});</script></body></html>"""
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class ReviewApp:
-    """The review folder as a web app: which pair comes next for whom, and storing votes."""
+    """The review folder as a web app's state: reviewer ids and their signatures, sides, order, votes, refusals."""
+
+    FLUSH_EVERY_S = 2.0  # refusal counts reach the file at most this often: a flood of bad votes costs no fsyncs
 
     def __init__(self, review_dir: str | Path) -> None:
         self.folder = Path(review_dir).expanduser()
         self.data = load_review(self.folder)
         self.db = self.folder / "votes.sqlite"
+        self.secret = review_secret(self.folder) or b""
+        self.secret_id = secret_id(self.secret)
         with database(self.db) as conn:
-            conn.execute(SCHEMA_SQL)
+            ensure_schema(conn)
         self.pairs = {p["id"]: p for p in self.data["pairs"]}
+        self._refused: Counter[str] = Counter()
+        self._refused_lock = threading.Lock()
+        self._flushed = time.monotonic()
 
-    def voted(self, reviewer: str) -> set[int]:
+    # -- identity ---------------------------------------------------------------------------------------------------
+
+    def _mac(self, *parts: str) -> str:
+        return hmac.new(self.secret, ":".join(parts).encode(), hashlib.sha256).hexdigest()
+
+    def new_reviewer(self, name: str = "") -> Reviewer:
+        """A fresh reviewer id (random), with the name they gave when it is a valid one."""
+        return Reviewer("r" + secrets.token_hex(8), name if REVIEWER_NAME.fullmatch(name or "") else "")
+
+    def token(self, reviewer: Reviewer) -> str:
+        """The cookie value for ``reviewer``: ``id:name:signature`` (HMAC-SHA256 under the folder's secret)."""
+        return f"{reviewer.id}:{reviewer.name}:{self._mac('reviewer', reviewer.id, reviewer.name)[:32]}"
+
+    def reviewer_of(self, token: Optional[str]) -> tuple[Optional[Reviewer], str]:
+        """(the reviewer, "") for a token this server signed; (None, why) otherwise: ``no_cookie``, ``unsigned``
+        (not of our form: an invented id) or ``bad_signature`` (our form, altered or signed by another secret)."""
+        if not token:
+            return None, "no_cookie"
+        parts = token.split(":")
+        if len(parts) != 3 or not REVIEWER_ID.fullmatch(parts[0]) or (parts[1] and not REVIEWER_NAME.fullmatch(
+                parts[1])) or not re.fullmatch(r"[0-9a-f]{32}", parts[2]):
+            return None, "unsigned"
+        if not hmac.compare_digest(parts[2], self._mac("reviewer", parts[0], parts[1])[:32]):
+            return None, "bad_signature"
+        return Reviewer(parts[0], parts[1]), ""
+
+    # -- what each reviewer sees ------------------------------------------------------------------------------------
+
+    def left_run(self, reviewer_id: str, pair: int) -> str:
+        """Which run ('a' or 'b') this reviewer sees on the left of this pair: the same on every reload, and
+        unknowable without the folder's secret."""
+        return "b" if int(self._mac("side", reviewer_id, str(pair))[:8], 16) & 1 else "a"
+
+    def order(self, reviewer_id: str) -> list[int]:
+        """The pairs in this reviewer's own random order."""
+        ids = sorted(self.pairs)
+        random.Random(self._mac("order", reviewer_id)).shuffle(ids)
+        return ids
+
+    def voted(self, reviewer_id: str) -> set[int]:
         with database(self.db) as conn:
-            return {r[0] for r in conn.execute("SELECT pair FROM votes WHERE reviewer = ?", (reviewer,))}
+            return {r[0] for r in conn.execute("SELECT pair FROM votes WHERE reviewer = ?", (reviewer_id,))}
 
-    def next_pair(self, reviewer: str) -> tuple[Optional[int], int]:
-        done = self.voted(reviewer)
-        todo = [i for i in order(reviewer, len(self.pairs)) if i not in done]
+    def next_pair(self, reviewer_id: str) -> tuple[Optional[int], int]:
+        done = self.voted(reviewer_id)
+        todo = [i for i in self.order(reviewer_id) if i not in done]
         return (todo[0] if todo else None), len(done)
 
-    def vote(self, reviewer: str, pair: int, choice: str, user_agent: str = "") -> bool:
-        """Store one vote durably; False when this reviewer already voted on this pair (the first vote stands)."""
-        p = self.pairs[pair]
-        left = left_run(reviewer, pair)
-        winner = "none" if choice == "none" else (left if choice == "left" else ("b" if left == "a" else "a"))
-        with database(self.db) as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO votes (reviewer, pair, prompt, seed, left_run, choice, winner, created, "
-                "user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (reviewer, pair, p["prompt"], p["seed"], left, choice, winner,
-                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), user_agent[:200]))
-            return cur.rowcount == 1
-
-    def image(self, reviewer: str, pair: int, side: str) -> bytes:
-        left = left_run(reviewer, pair)
+    def image(self, reviewer_id: str, pair: int, side: str) -> bytes:
+        left = self.left_run(reviewer_id, pair)
         run = left if side == "left" else ("b" if left == "a" else "a")
         return (self.folder / self.pairs[pair][run]).read_bytes()
 
-    def page(self, reviewer: str) -> str:
-        pair, done = self.next_pair(reviewer)
-        total = len(self.pairs)
-        sub = f"reviewer <b>{html.escape(reviewer)}</b> · {done} of {total} pairs reviewed"
-        if pair is None:
-            body = (f'<div class="done" id="done">All {total} pairs reviewed. Thank you! Your votes are saved.'
-                    "</div>")
-        else:
-            p = self.pairs[pair]
-            figs = "".join(f'<figure><img id="img-{side}" src="/image/{pair}/{side}" alt="{side} image">'
-                           f"<figcaption>{side}</figcaption></figure>" for side in ("left", "right"))
-            body = (f'<p class="prompt" id="prompt">“{html.escape(p["prompt"])}”</p><div class="pair">{figs}</div>'
-                    f'<form method="post" action="/vote" class="buttons"><input type="hidden" name="pair" '
-                    f'value="{pair}"><button id="vote-left" name="choice" value="left">Left is better</button>'
-                    '<button id="vote-none" name="choice" value="none">No preference</button>'
-                    '<button id="vote-right" name="choice" value="right">Right is better</button></form>')
-        return PAGE.format(sub=sub, body=body)
+    # -- votes ------------------------------------------------------------------------------------------------------
 
+    def vote(self, reviewer: Reviewer, pair: int, choice: str, user_agent: str = "") -> str:
+        """Store one vote durably: "new", or "replaced" when this reviewer had voted on this pair (the last vote
+        stands: one vote per reviewer and pair)."""
+        if pair not in self.pairs or choice not in CHOICES:
+            raise ValueError(f"pair {pair!r} / choice {choice!r}")
+        p = self.pairs[pair]
+        left = self.left_run(reviewer.id, pair)
+        winner = "none" if choice == "none" else (left if choice == "left" else ("b" if left == "a" else "a"))
+        with database(self.db) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                existed = conn.execute("SELECT 1 FROM votes WHERE reviewer = ? AND pair = ?",
+                                       (reviewer.id, pair)).fetchone() is not None
+                conn.execute(
+                    "INSERT INTO votes (reviewer, pair, prompt, seed, left_run, choice, winner, created, user_agent, "
+                    "reviewer_name, secret_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (reviewer, pair) "
+                    "DO UPDATE SET left_run = excluded.left_run, choice = excluded.choice, winner = excluded.winner, "
+                    "created = excluded.created, user_agent = excluded.user_agent, "
+                    "reviewer_name = excluded.reviewer_name, secret_id = excluded.secret_id",
+                    (reviewer.id, pair, p["prompt"], p["seed"], left, choice, winner, _now(), user_agent[:200],
+                     reviewer.name or None, self.secret_id))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return "replaced" if existed else "new"
 
-def _reviewer_name(text: str) -> Optional[str]:
-    text = text.strip()
-    return text if re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", text) else None
+    def refuse(self, reason: str) -> None:
+        """Count a vote the page refused (``reason``: unsigned, bad_signature, no_cookie, bad_request, ...)."""
+        with self._refused_lock:
+            self._refused[reason] += 1
+            due = time.monotonic() - self._flushed >= self.FLUSH_EVERY_S
+        if due:
+            self.flush_refused()
 
-
-class _Handler(BaseHTTPRequestHandler):
-    app: ReviewApp
-    server_version = "sdloop-review"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: votes are in the database
-        return
-
-    def _reviewer(self, query: dict[str, list[str]]) -> tuple[Optional[str], bool]:
-        """(reviewer, is new): ``?reviewer=NAME`` sets it; otherwise the cookie; otherwise a new random id."""
-        asked = _reviewer_name(query.get("reviewer", [""])[0])
-        if asked:
-            return asked, True
-        cookie = SimpleCookie(self.headers.get("Cookie", ""))
-        if COOKIE in cookie and _reviewer_name(cookie[COOKIE].value):
-            return cookie[COOKIE].value, False
-        return None, False
-
-    def _send(self, status: int, body: bytes, ctype: str, headers: Optional[dict[str, str]] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _text(self, status: int, text: str) -> None:
-        self._send(status, text.encode(), "text/plain; charset=utf-8")
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        url = urlparse(self.path)
-        query = parse_qs(url.query)
-        if url.path == "/healthz":
-            return self._text(200, "ok")
-        reviewer, new = self._reviewer(query)
-        if url.path == "/":
-            headers = {}
-            if reviewer is None:
-                reviewer, new = "r-" + secrets.token_hex(6), True
-            if new:
-                headers["Set-Cookie"] = f"{COOKIE}={reviewer}; Path=/; Max-Age=31536000; SameSite=Strict"
-            return self._send(200, self.app.page(reviewer).encode(), "text/html; charset=utf-8", headers)
-        m = re.fullmatch(r"/image/(\d+)/(left|right)", url.path)
-        if m and reviewer and int(m.group(1)) in self.app.pairs:
-            return self._send(200, self.app.image(reviewer, int(m.group(1)), m.group(2)), "image/png")
-        return self._text(404, "not found")
-
-    def do_POST(self) -> None:  # noqa: N802
-        if urlparse(self.path).path != "/vote":
-            return self._text(404, "not found")
-        reviewer, _ = self._reviewer({})
-        length = int(self.headers.get("Content-Length") or 0)
-        form = parse_qs(self.rfile.read(min(length, 10_000)).decode("utf-8", "replace"))
-        choice, pair = form.get("choice", [""])[0], form.get("pair", [""])[0]
-        if reviewer is None:
-            return self._text(400, "no reviewer cookie: open the review page first")
-        if choice not in CHOICES or not pair.isdigit() or int(pair) not in self.app.pairs:
-            return self._text(400, f"a vote needs pair (0..{len(self.app.pairs) - 1}) and choice in {CHOICES}")
-        self.app.vote(reviewer, int(pair), choice, self.headers.get("User-Agent", ""))
-        self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": "/"})
-
-
-class ReviewServer:
-    """The review page on host:port (port 0: a free one), in a background thread or in the foreground."""
-
-    def __init__(self, review_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
-        handler = type("Handler", (_Handler,), {"app": ReviewApp(review_dir)})
-        try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
-        except OSError as e:
-            raise ReviewError(f"cannot serve on {host}:{port} ({e.strerror or e}); pass another --port.") from None
-        self.httpd.daemon_threads = True
-        self.thread: Optional[threading.Thread] = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/"
-
-    def start(self) -> "ReviewServer":
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-# -- the summary -----------------------------------------------------------------------------------------------------
-
-@dataclass
-class ReviewSummary:
-    folder: str
-    pairs: int
-    votes: int
-    reviewers: int
-    a_wins: int
-    b_wins: int
-    ties: int
-    b_win_rate: Optional[float]       # among votes with a preference
-    interval: tuple[Optional[float], Optional[float]]
-    p_value: Optional[float]          # two-sided sign test against "no difference"
-    runs: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def lines(self) -> list[str]:
-        rate = "n/a" if self.b_win_rate is None else (
-            f"{self.b_win_rate:.2f} (95% interval {self.interval[0]:.2f}-{self.interval[1]:.2f}, Wilson)")
-        if self.p_value is None:
-            test = "no votes with a preference yet"
-        else:
-            test = (f"p = {self.p_value:.3g}: " + ("the runs differ (p < 0.05)" if self.p_value < 0.05 else
-                                                    "no significant difference at 0.05"))
-        return [f"review {self.folder}: A = {self.runs.get('a')}, B = {self.runs.get('b')}, {self.pairs} pairs",
-                f"votes:        {self.votes} from {self.reviewers} reviewer(s): A preferred {self.a_wins}, "
-                f"B preferred {self.b_wins}, no preference {self.ties}",
-                f"B win rate:   {rate} (votes with a preference)",
-                f"sign test:    {test} (two-sided exact binomial against 50/50, no-preference votes left out)"]
-
-
-def summarize(review_dir: str | Path) -> ReviewSummary:
-    """Win rate of B over A with a 95% interval, vote and reviewer counts, and a two-sided sign test."""
-    folder = Path(review_dir).expanduser()
-    data = load_review(folder)
-    if not (folder / "votes.sqlite").is_file():
-        raise ReviewError(f"{folder} has no votes.sqlite; serve the review with `sdloop review RUN_A RUN_B`.")
-    try:
-        with database(folder / "votes.sqlite") as conn:
-            rows = conn.execute("SELECT reviewer, winner FROM votes").fetchall()
-    except sqlite3.DatabaseError as e:
-        raise ReviewError(f"{folder / 'votes.sqlite'} cannot be read ({e}); it is damaged.") from None
-    a_wins = sum(w == "a" for _, w in rows)
-    b_wins = sum(w == "b" for _, w in rows)
-    decided = a_wins + b_wins
-    return ReviewSummary(str(folder), len(data["pairs"]), len(rows), len({r for r, _ in rows}), a_wins, b_wins,
-                         len(rows) - decided, b_wins / decided if decided else None, wilson(b_wins, decided),
-                         sign_test(b_wins, a_wins), data.get("runs", {}))
-
+    def flush_refused(self) -> None:
+        """Add the refusals counted in memory to the folder's ``refused`` table (what ``review summary`` reports)."""
+        with self._refused_lock:
+            pending, self._refused = self._refused, Counter()
+            self._flushed = time.monotonic()
+        if not pending:
+            return
+        with database(self.db) as conn:
+            for reason, n in pending.items():
+                conn.execute("INSERT INTO refused (reason, count, last) VALUES (?, ?, ?) ON CONFLICT (reason) DO "
+                             "UPDATE SET count = count + excluded.count, last = excluded.last", (reason, n, _now()))
