@@ -17,9 +17,9 @@ or near copy of one is on both sides.
 The output is a Hugging Face imagefolder (``metadata.jsonl`` with ``file_name`` and ``text``, images under
 ``champion/`` and ``generated/``) with ``retrain_data.json`` (every file: where it came from, its rating and raters,
 whether it went in, was held out for the gate or stayed out, and why; the counts, what was left out per reason, how
-many raters contributed and the largest shares) and ``data_report.json`` beside it. Images are hard links where the filesystem allows
-(no copy of a large dataset), copies otherwise; a source file is only ever read or linked, never changed (not even
-its permissions). The folder is built under a hidden name beside ``out_dir`` and renamed into place, so a crash
+many raters contributed and the largest shares) and ``data_report.json`` beside it. Images are hard links where
+the filesystem allows (no copy of a large dataset), copies otherwise; a source file is only ever read or linked, never
+changed (not even its permissions). The folder is built under a hidden name beside ``out_dir`` and renamed into place, so a crash
 leaves no half-built data, and ``out_dir`` must be new or empty: sdloop never writes into a folder of the user's.
 """
 
