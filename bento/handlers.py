@@ -85,8 +85,9 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
                      endpoint)
     except NotReady as e:
         _failed(store, endpoint, "not_ready", str(e), model.version)
-        return error(503, "not_ready", f"no model is loaded ({e}); promote a champion with `sdloop models "
-                                       "promote TAG` and wait for /readyz", endpoint)
+        return error(503, "not_ready", f"no model is loaded ({e}); promote a version that works with `sdloop "
+                                       "models promote TAG` (or `sdloop models rollback`) and wait for /readyz",
+                     endpoint)
     except PromptTooLong as e:
         return error(400, "prompt_too_long", str(e), endpoint)
     except SizeNotSupported as e:

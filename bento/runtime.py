@@ -145,9 +145,9 @@ def load_pipeline(tag: str, backend: str, threads: Optional[int] = None) -> Load
         pipe.set_progress_bar_config(disable=True)
         import torch
 
-        info = {"providers": ["torch"], "intra_op_num_threads": torch.get_num_threads(), "threads_from":
-                "SDLOOP_TORCH_THREADS" if threads else "cores / workers", "load_s": round(time.perf_counter() -
-                                                                                         started, 3)}
+        info = {"providers": ["torch"], "intra_op_num_threads": torch.get_num_threads(),
+                "threads_from": "SDLOOP_TORCH_THREADS" if threads else "cores / workers",
+                "load_s": round(time.perf_counter() - started, 3)}
     else:
         from sdloop.exportload import open_export
 
@@ -167,16 +167,17 @@ def _session_facts(pipe: Any) -> dict[str, Any]:
     if session is None:
         return {}
     opts = session.get_session_options()
-    spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") \
-        if hasattr(opts, "get_session_config_entry") else None
+    try:
+        spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # not set: onnxruntime's default, which spins
+        spinning = True
     return {"providers": list(session.get_providers()), "intra_op_num_threads": opts.intra_op_num_threads,
-            "inter_op_num_threads": opts.inter_op_num_threads,
-            "allow_spinning": None if spinning in (None, "") else spinning != "0"}
+            "inter_op_num_threads": opts.inter_op_num_threads, "allow_spinning": spinning}
 
 
 def version_state(tag: str) -> tuple[Any, ...]:
-    """A cheap key of a stored version's files (path, size, mtime, inode): a refusal is retried, and logged again,
-    only when this changes (or the pointer names another version)."""
+    """A cheap key of a stored version's files (path, size, mtime, ctime, inode): a refusal is retried, and logged
+    again, only when this changes (or the pointer names another version)."""
     try:
         full, path = model_dir(tag)
     except Exception as e:  # noqa: BLE001 - a version that is not in the store: its own state
@@ -188,7 +189,7 @@ def version_state(tag: str) -> tuple[Any, ...]:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
                 continue
-            files.append((os.path.join(dirpath, name), st.st_size, st.st_mtime_ns, st.st_ino))
+            files.append((os.path.join(dirpath, name), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     return (full, tuple(sorted(files)))
 
 
