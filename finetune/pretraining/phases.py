@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from sdloop.atomic import load_safetensors, save_safetensors, write_json_atomic
 from sdloop.seeding import torch_generator
 
-from finetune.pretraining.pretrain import EMA, PretrainConfig, PretrainError, WorkDir, latest_checkpoint, run_phase
+from finetune.pretraining.checkpoints import EMA, latest_checkpoint
+from finetune.pretraining.pretrain import PretrainConfig, PretrainError, WorkDir, run_phase
 
 SAMPLE_PROMPTS = (
     "a large red circle in the centre, white background", "a large blue square in the centre, grey background",
