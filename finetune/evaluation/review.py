@@ -169,11 +169,14 @@ def prepare_review(run_a: str | Path, run_b: str | Path, out_dir: Optional[str |
 
 
 def _private_file(path: Path) -> None:
-    """Create ``path`` empty with mode 0600 unless it exists (sqlite then opens it; a new votes file is private)."""
+    """Create ``path`` empty with mode 0600 unless it exists (sqlite then opens it; a new votes file is private); an
+    existing one that others may read (an older release's) is tightened, by path, when it is ours."""
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
-        pass
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
     except OSError:
         return  # an unwritable folder: sqlite's own error says so
 
