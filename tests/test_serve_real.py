@@ -261,12 +261,17 @@ def test_bentoml_build_writes_a_bento_with_a_non_root_dockerfile(champ: Champion
         if path.is_file():
             assert path.stat().st_mode & stat.S_IROTH, f"{path} is not readable by the container's user"
     assert (bento / "src" / "bento" / "service.py").is_file() and (bento / "src" / "monitor" / "store.py").is_file()
-    # what the service imports is all in the Bento: import it from the Bento's sources first
-    out = subprocess.run([sys.executable, "-c", "import bento.service, bento.handlers, bento.runtime, monitor.store, "
-                          "sdloop.exportload, sdloop.modelstore; print(monitor.store.__file__)"],
-                         cwd=bento / "src", env={**env, "SDLOOP_PACK_CHAMPION": "0"}, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().startswith(str(bento / "src")), out.stderr[-3000:]
+    # what the service imports is all in the Bento: imported from the Bento's sources, no module of ours may come
+    # from anywhere else (this checkout's editable install would quietly fill the gaps here, not in the container)
+    code = ("import sys, bento.service, bento.handlers, bento.runtime, monitor.store, sdloop.exportload, "
+            "sdloop.modelstore; print('\\n'.join(sorted(m.__file__ for n, m in list(sys.modules.items()) "
+            "if n.split('.')[0] in ('bento', 'monitor', 'sdloop') and getattr(m, '__file__', None))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=bento / "src", env={**env, "SDLOOP_PACK_CHAMPION": "0"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = out.stdout.split()
+    assert any(f.endswith("store_engine.py") for f in files)
+    assert [f for f in files if not f.startswith(str(bento / "src"))] == []
 
 
 def test_containerize(champ: Champion) -> None:
