@@ -52,23 +52,33 @@ def _num(value: Any) -> Optional[float]:
 
 
 def kid_check(champion_kid: Optional[float], challenger_kid: Optional[float], cfg: MonitorConfig,
-              not_held_out: Optional[str] = None) -> GateCheck:
+              not_held_out: Optional[str] = None, difference: Optional[dict[str, Any]] = None) -> GateCheck:
     """KID (lower is better) of both on the same prompts, seeds and reference: not worse beyond ``kid_margin``.
 
     The reference must be images the challenger did not train on (the held-out rated generations): KID against its
     own training data rewards a challenger for copying that data, whoever put it there. ``not_held_out`` says why the
-    reference was not held out; the check is then skipped with that reason, never passed."""
+    reference was not held out; the check is then skipped with that reason, never passed.
+
+    ``difference``: the comparison's paired challenger-minus-champion difference with its 95% interval. A held-out
+    reference is small (a share of the well-rated generations), so a difference beyond the margin fails only when
+    its interval excludes 0: worse beyond noise. Without an interval the point estimates decide."""
     a, b = _num(champion_kid), _num(challenger_kid)
     if not_held_out:
         return GateCheck("kid", None, f"KID not counted: {not_held_out}",
                          {"champion": a, "challenger": b, "held_out": False})
     if a is None or b is None:
         return GateCheck("kid", None, "KID was not computed for both models (see the comparison report)")
-    ok = b <= a + cfg.kid_margin
-    verb = "within" if ok else "worse than"
-    return GateCheck("kid", ok, f"challenger KID {b:.4f} vs champion {a:.4f} on held-out images: {verb} the margin "
-                                f"{cfg.kid_margin:g}", {"champion": a, "challenger": b, "margin": cfg.kid_margin,
-                                                        "held_out": True})
+    low = _num((difference or {}).get("low"))
+    beyond = b > a + cfg.kid_margin
+    noise = beyond and low is not None and low <= 0
+    ok = not beyond or noise
+    m = f"{cfg.kid_margin:g}"
+    verb = (f"worse than the margin {m} but within noise (the difference's 95% interval includes 0)" if noise else
+            f"within the margin {m}" if ok else
+            f"worse than the margin {m}" + (" beyond noise" if low is not None else ""))
+    return GateCheck("kid", ok, f"challenger KID {b:.4f} vs champion {a:.4f} on held-out images: {verb}",
+                     {"champion": a, "challenger": b, "margin": cfg.kid_margin, "difference_low": low,
+                      "held_out": True})
 
 
 def val_loss_check(champion_loss: Optional[float], challenger_loss: Optional[float], cfg: MonitorConfig,
@@ -129,7 +139,7 @@ def quality_gate(comparison: dict[str, Any], val: tuple[Optional[float], Optiona
     values = kid.get("values") or {} if kid.get("computed") else {}
     a = (values.get("a") or {}).get("value")
     b = (values.get("b") or {}).get("value")
-    checks = (kid_check(a, b, cfg, not_held_out), val_loss_check(val[0], val[1], cfg, val[2]))
+    checks = (kid_check(a, b, cfg, not_held_out, kid.get("difference")), val_loss_check(val[0], val[1], cfg, val[2]))
     if all(c.passed is None for c in checks):  # no evidence the challenger is not worse: it does not replace anyone
         checks += (GateCheck("evidence", False, "neither KID nor a validation loss could be compared; raise "
                                                 "gate_images (KID needs a dozen images or more) or train with a "

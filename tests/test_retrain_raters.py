@@ -221,3 +221,13 @@ def test_votes_are_read_and_weighed_alike_on_both_databases(url: str, tmp_path: 
     assert (sel.counts["too_few_raters"], sel.counts["dropped_low"], sel.counts["held_out"]) == (1, 1, 0)
     assert sel.disliked.keys() == {c} and sel.raters["voted"] == 3 and sel.raters["contributed"] == 2
     store.close()
+
+
+@pytest.mark.parametrize("low, passed, words", [(-0.0001, True, "within noise"), (0.02, False, "beyond noise"),
+                                                (None, False, "worse than the margin 0.01")])
+def test_a_small_held_out_reference_fails_kid_only_beyond_noise(low: float | None, passed: bool, words: str) -> None:
+    kid = {"computed": True, "values": {"a": {"value": 0.0}, "b": {"value": 0.05}}}
+    if low is not None:
+        kid["difference"] = {"value": 0.05, "low": low, "high": 0.1}
+    check = quality_gate({"metrics": {"kid": kid}}, (0.5, 0.5, True), MonitorConfig(kid_margin=0.01)).checks[0]
+    assert check.passed is passed and words in check.text, check.text
