@@ -439,3 +439,15 @@ def test_bad_votes_are_400_with_a_body(served: ReviewServer, pair: str, choice: 
     assert e.value.code == 400 and "<html" in e.value.read().decode()  # a browser gets a page
     assert not _rows(served.app.folder)
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"PUT /vote HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 501),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n", 431),
+], ids=["garbage", "long-url", "put", "many-headers"])
+def test_broken_requests_get_an_answer_with_a_body(served: ReviewServer, request_bytes: bytes, status: int,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    got, body, _ = _raw(served.url, request_bytes)
+    assert (got, body["status"], body["code"]) == (status, "error", status)

@@ -136,8 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
         super().send_response_only(code, message)
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own refusals (bad request line, headers too long) in our error form."""
+        """http.server's own refusals (bad request line, headers too long) in our error form, with a status line even
+        when the request line was too broken to name an HTTP version (no client speaks HTTP/0.9)."""
         self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
         self._error(code, message or HTTPStatus(code).phrase)
 
     # -- answers ----------------------------------------------------------------------------------------------------
