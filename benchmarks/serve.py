@@ -12,8 +12,9 @@ also timed again in this process (the same loader and call as the export's own m
 requests: the manifest's figure was taken whenever the export ran, and on a shared machine that alone moves it by
 half; the ratio against the figure taken now, under the same load, is the one that says what serving costs.
 
-Then configurations, side by side: 1 worker with default threads (torch/onnxruntime on every core), 1 worker with 1
-thread, and N workers (N = cores) of 1 thread each. Each: start the server, wait for /readyz, 2 warm-up requests per
+Then configurations, side by side: 1 worker with the export's threads (its manifest's, all the cores it was exported
+on), 1 worker with 1 thread, N workers (N = cores) of 1 thread each, and N workers with the export's threads (what
+`sdloop serve` does by default). Each: start the server, wait for /readyz, 2 warm-up requests per
 worker, then ``--requests`` txt2img_json requests from ``--clients`` concurrent clients; throughput, p50/p95/p99
 latency and errors. Then 500 concurrent feedback posts (32 clients) against the N-worker server and the rows the store
 holds afterwards. ``--home``: a workspace whose model store has a champion (default: one is built in a temporary
@@ -186,12 +187,19 @@ def print_native(r: dict[str, Any]) -> None:
 
 
 def load(url: str, body: dict, requests: int, clients: int) -> dict[str, Any]:
-    """Send ``requests`` requests from ``clients`` threads; throughput and latency percentiles."""
+    """Send ``requests`` requests from ``clients`` threads; throughput, latency percentiles, and what the failed
+    requests were (status and the start of the answer, printed once per kind)."""
     def one(_: int) -> tuple[int, float]:
         t0 = time.perf_counter()
-        code, _ = _post(url, body)
+        code, out = _post(url, body)
+        if code != 200:
+            seen = f"{code} {out[:200].decode(errors='replace')}"
+            if seen not in failures:
+                failures.add(seen)
+                print(f"  failed: {seen}", file=sys.stderr, flush=True)
         return code, time.perf_counter() - t0
 
+    failures: set[str] = set()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = list(pool.map(one, range(requests)))
@@ -222,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         body = {"prompt": "a red circle on a blue background", "steps": args.steps, "width": args.size,
                 "height": args.size, "seed": 0}
-        configs = [("1 worker, default threads", 1, 0), ("1 worker, 1 thread", 1, 1),
-                   (f"{cores} workers, 1 thread each", cores, 1)]
+        configs = [("1 worker, the export's threads", 1, 0), ("1 worker, 1 thread", 1, 1),
+                   (f"{cores} workers, 1 thread each", cores, 1), (f"{cores} workers, the export's threads", cores, 0)]
         rows = []
         for label, workers, threads in configs:
             server = Server(home, store_url, workers, threads)
@@ -236,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         base = rows[0][1]["rps"]
         print(f"\n{args.requests} txt2img requests ({args.size}x{args.size}, {args.steps} steps) from {args.clients} "
               f"concurrent clients, {cores} cores")
-        print(f"{'configuration':32s} {'req/s':>7s} {'x':>6s} {'p50 s':>7s} {'p95 s':>7s} {'p99 s':>7s} {'errors':>6s}")
+        print(f"{'configuration':34s} {'req/s':>7s} {'x':>6s} {'p50 s':>7s} {'p95 s':>7s} {'p99 s':>7s} {'errors':>6s}")
         for label, r in rows:
-            print(f"{label:32s} {r['rps']:7.2f} {r['rps'] / base:6.2f} {r['p50']:7.3f} {r['p95']:7.3f} "
+            print(f"{label:34s} {r['rps']:7.2f} {r['rps'] / base:6.2f} {r['p50']:7.3f} {r['p95']:7.3f} "
                   f"{r['p99']:7.3f} {r['errors']:6d}")
         server = Server(home, store_url, cores, 1)
         try:

@@ -208,6 +208,9 @@ class ModelHolder:
         self._poll_problem: Optional[str] = None
         self._seen_mtime: Optional[int] = -1
         self._stop = threading.Event()
+        # set once the first load was tried: BentoML hands requests to a worker that is still loading (another worker
+        # answered /readyz), and those wait for it rather than get a 503
+        self._started = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="sdloop-champion-poller", daemon=True)
         self._thread.start()
 
@@ -222,6 +225,7 @@ class ModelHolder:
                 if text != self._poll_problem:
                     self._poll_problem = text
                     log.error("checking the champion failed (%s); still serving %s", text, self.version)
+            self._started.set()
             self._stop.wait(self.poll_s)
 
     @property
@@ -291,9 +295,12 @@ class ModelHolder:
     def generate(self, req: Any, deadline: float) -> tuple[str, list[tuple[int, Any]]]:
         """Run one request on the current pipeline under the lock; interrupt it at ``deadline`` (monotonic).
 
-        A request without width/height gets the model's native size; ``req`` is updated to the size drawn."""
+        A request that reaches a worker still loading waits for that first load (within its deadline). A request
+        without width/height gets the model's native size; ``req`` is updated to the size drawn."""
         import torch
 
+        if not self._started.wait(timeout=max(0.0, deadline - time.monotonic())):
+            raise DeadlineExceeded(0, "while the worker loads its model")
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise DeadlineExceeded(0, "while waiting for the pipeline")
         try:

@@ -81,6 +81,16 @@ def test_not_ready_until_a_champion_is_loaded(champ: Champion, tmp_path: Path,
         assert c.post("/txt2img_json", json=TINY).json()["model_version"] == fresh.tags[1]
 
 
+def test_a_request_to_a_worker_still_loading_waits_for_its_model(champ: Champion) -> None:
+    from sdloop.champion import current_champion_tag
+
+    if current_champion_tag() is None:
+        promote(champ, champ.tags[0])
+    with _client() as c:  # no wait for /readyz: with several workers, another one may have answered it
+        r = c.post("/txt2img_json", json=TINY)
+        assert r.status_code == 200 and r.json()["model_version"] == current_champion_tag()
+
+
 @pytest.mark.parametrize("change, field", [
     ({"width": 65}, "width"), ({"height": 4096}, "height"), ({"width": 4}, "width"), ({"steps": 0}, "steps"),
     ({"steps": 100000}, "steps"), ({"guidance_scale": -1}, "guidance_scale"), ({"num_images": 0}, "num_images"),
