@@ -2,9 +2,9 @@
 
 Why: the service used to read ``os.environ`` in four modules, each with its own fallback, so ``SDLOOP_DEADLINE_S=abc``
 crashed every worker at import and BentoML restarted them in a loop, and ``SDLOOP_POLL_S=-1`` made the poller spin.
-Now ``ServeConfig.from_env()`` is the one reader: each value is converted by its declared type, checked by the shared
-type check (``sdloop.config_types``) and then by its range in ``__post_init__``; a bad one is one ``ConfigError``
-naming the variable and what it accepts. ``sdloop serve`` builds it (and opens the store) before it becomes the
+Now ``ServeConfig.from_env()`` is the one reader: each value is read as every other setting is (``sdloop.overrides
+.parse_value``: YAML 1.2, typed against the field), checked by the shared type check (``sdloop.config_types``) and
+then by its range in ``__post_init__``; a bad one is one ``ConfigError`` naming the variable and what it accepts. ``sdloop serve`` builds it (and opens the store) before it becomes the
 BentoML server, so a mistake is one line and exit 2 at start, never a worker restart loop.
 
 The admin token is kept (the service compares requests against it) but never printed: ``public()`` says only whether
@@ -14,7 +14,6 @@ it is set, and the store URL is shown with its password masked (``sdloop.masking
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import threading
 import typing
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from sdloop.config_types import build_dataclass, check_types, help_field
+from sdloop.config_types import build_dataclass, check_types, check_value, help_field
 from sdloop.configfile import ConfigError
 from sdloop.errors import UserError
 from sdloop.masking import mask_text, mask_url
@@ -101,9 +100,9 @@ class ServeConfig:
         types = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            text = environ.get(f.metadata["env"], "")
-            if text.strip():
-                values[f.name] = _parse(f.metadata["env"], text, types[f.name])
+            env, text = f.metadata["env"], environ.get(f.metadata["env"], "").strip()
+            if text:
+                values[f.name] = _read(env, text, types[f.name], f.metadata["help"])
         return build_dataclass(cls, values, prefix="")
 
     @property
@@ -139,35 +138,20 @@ def _env_name(field: str) -> str:
     return {f.name: f.metadata["env"] for f in dataclasses.fields(ServeConfig)}[field]
 
 
-def _parse(env: str, text: str, tp: Any) -> Any:
-    """One environment value converted by its declared type; a value that is not one is named with what it takes."""
-    text = text.strip()
+def _read(env: str, text: str, tp: Any, help: str) -> Any:
+    """One variable's value, read and type-checked as any setting is; a wrong one names the variable and its help."""
+    from sdloop.overrides import parse_value
+
+    value = parse_value(text, tp)
+    if tp is bool and type(value) is int and value in (0, 1):  # SDLOOP_PACK_CHAMPION=0, as a shell writes it
+        value = bool(value)
     try:
-        if tp is bool:
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if tp is int:
-            return int(text)
-        if tp is float:
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError(text)
-            return value
-    except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a finite number"}[tp]
-        raise ConfigError(f"{env}={text!r} is invalid: expected {kind}. {_help(env)}") from None
-    return text
-
-
-def _help(env: str) -> str:
-    for f in dataclasses.fields(ServeConfig):
-        if f.metadata["env"] == env:
-            return f.metadata["help"]
-    return ""
+        return check_value(env, value, tp)
+    except ConfigError as e:
+        message = mask_text(str(e), text) if env == "SDLOOP_STORE_URL" else str(e)
+        if env == "SDLOOP_ADMIN_TOKEN":
+            message = message.replace(text, "***")
+        raise ConfigError(f"{message} {help}") from None
 
 
 def check_store(cfg: ServeConfig, timeout_s: float = 20.0) -> str:

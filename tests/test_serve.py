@@ -453,9 +453,11 @@ def serve_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("SDLOOP_DEADLINE_S", "abc", "SDLOOP_DEADLINE_S='abc' is invalid: expected a finite number"),
+    ("SDLOOP_DEADLINE_S", "abc", "SDLOOP_DEADLINE_S='abc' has the wrong type: expected a number (float). Default "
+                                 "deadline of a request"),
     ("SDLOOP_POLL_S", "-1", "SDLOOP_POLL_S=-1.0 is invalid: a number of seconds in (0, 3600]"),
-    ("SDLOOP_MAX_SIDE", "big", "SDLOOP_MAX_SIDE='big' is invalid: expected an integer"),
+    ("SDLOOP_MAX_SIDE", "big", "SDLOOP_MAX_SIDE='big' has the wrong type: expected an integer (int)"),
+    ("SDLOOP_WORKERS", "1.5", "SDLOOP_WORKERS=1.5 has the wrong type: expected an integer (int)"),
     ("SDLOOP_BACKEND", "tensorflow", "SDLOOP_BACKEND='tensorflow' is invalid: one of onnx, pytorch"),
     ("SDLOOP_STORE_URL", "not a url", "store URL 'not a url' is not a database URL"),
 ])
