@@ -267,7 +267,7 @@ class ModelHolder:
 
     def _refuse(self, tag: str, state: Any, error: BaseException) -> None:
         self._failed = (tag, state)
-        self.last_error = f"{tag} was refused: {one_line(error)}"
+        self.last_error = f"{tag} was refused: {one_line(error).rstrip('.')}"
         serving = f"still serving {self.version}" if self.loaded else "no model is served"
         if isinstance(error, UserError):
             log.error("%s; %s", self.last_error, serving)
