@@ -44,8 +44,11 @@ def shared_store(tiny_run: Path, tmp_path_factory: Any) -> Champion:
 @contextlib.contextmanager
 def workspace_env(home: Path, bentoml_home: Path) -> Iterator[None]:
     """SDLOOP_HOME and BENTOML_HOME set for the block, as they were after it."""
+    from conftest import reset_bentoml_home  # BentoML caches its home per process: follow the switch both ways
+
     old = {k: os.environ.get(k) for k in ("SDLOOP_HOME", "BENTOML_HOME")}
     os.environ.update({"SDLOOP_HOME": str(home), "BENTOML_HOME": str(bentoml_home)})
+    reset_bentoml_home()
     try:
         yield
     finally:
@@ -54,6 +57,7 @@ def workspace_env(home: Path, bentoml_home: Path) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        reset_bentoml_home()
 
 
 def build_store(tiny_run: Path, root: Path) -> Champion:
