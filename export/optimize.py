@@ -115,7 +115,9 @@ def runtime(target: str, precision: str, threads: int) -> dict[str, Any]:
 
 # -- measuring ---------------------------------------------------------------------------------------------------------
 
-def _feeds(sess: Any, part: str, size: int) -> dict[str, np.ndarray]:
+def sample_feeds(sess: Any, part: str, size: int) -> dict[str, np.ndarray]:
+    """Random inputs of a graph's own names and shapes for a ``size`` px image (batch 2 for the UNet: guidance), for
+    timing a graph alone (here and in benchmarks/onnx_cpu.py)."""
     dims = {"batch_size": 2 if part == "unet" else 1, "sequence_length": 77, "height": size // 8,
             "width": size // 8, "latent_height": size // 8, "latent_width": size // 8,
             "sample_height": size, "sample_width": size}
@@ -139,7 +141,7 @@ def time_graph(path: Path, rt: dict[str, Any], export_dir: Path, part: str, size
     start = time.perf_counter()
     sess = ort.InferenceSession(str(path), session_options(rt), providers=providers_for(rt, export_dir))
     load = time.perf_counter() - start
-    feeds = _feeds(sess, part, size)
+    feeds = sample_feeds(sess, part, size)
     sess.run(None, feeds)
     runs = []
     for _ in range(max(1, reps)):

@@ -1,7 +1,7 @@
 """The BentoML model store, through BentoML's public API only (``bentoml.models.get/list/create/delete``).
 
 Every stage that touches the store (the registry that publishes, lists and prunes versions; the service that loads the
-champion) goes through this module, so no sdloop code imports ``bentoml._internal``, whose layout changes between
+champion) goes through this module, so no sdloop code imports BentoML's private modules, whose layout changes between
 BentoML releases.
 
 Why the extra care:
