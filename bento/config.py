@@ -27,6 +27,7 @@ from sdloop.errors import UserError
 from sdloop.masking import mask_text, mask_url
 
 BACKENDS = ("onnx", "pytorch")
+AUTH_MODES = ("keys", "off")
 OFF = ("off", "none", "0")
 
 
@@ -69,6 +70,18 @@ class ServeConfig:
                                                 "sqlite file); printed with its password masked.")
     admin_token: str = _f("", "SDLOOP_ADMIN_TOKEN", "Bearer token of POST /admin/reload (empty: disabled); never "
                                                     "printed.")
+    auth: str = _f("off", "SDLOOP_AUTH", f"Who may call, one of {AUTH_MODES}: keys (an API key from `sdloop keys "
+                                         "create` in 'Authorization: Bearer sdk_...' on txt2img, feedback and "
+                                         "admin) or off (anyone: only for 127.0.0.1; another --host refuses to "
+                                         "start without keys unless SDLOOP_ALLOW_NO_AUTH=1).")
+    allow_no_auth: bool = _f(False, "SDLOOP_ALLOW_NO_AUTH", "Serve on a non-loopback address with SDLOOP_AUTH=off "
+                                                            "(anyone who reaches it may generate and rate); "
+                                                            "`sdloop serve --insecure-no-auth` sets it.")
+    rate_limit_per_min: int = _f(60, "SDLOOP_RATE_LIMIT_PER_MIN", "Requests per minute of a key without its own "
+                                                                  "limit, per worker process, in [1, 1000000].")
+    trusted_proxies: str = _f("", "SDLOOP_TRUSTED_PROXIES", "Comma-separated CIDRs of proxies whose X-Forwarded-For "
+                                                            "is believed (e.g. 10.0.0.0/8); empty: none, the peer "
+                                                            "address is logged as it is.")
     pack_champion: bool = _f(True, "SDLOOP_PACK_CHAMPION", "`bentoml build` puts the current champion into the "
                                                            "Bento (false: none).")
 
@@ -83,6 +96,9 @@ class ServeConfig:
         self._range("threads", 1 <= self.threads <= 1024, "an integer in [1, 1024]")
         self._range("torch_threads", 0 <= self.torch_threads <= 1024, "an integer in [0, 1024] (0: the export's)")
         self._range("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}")
+        self._range("auth", self.auth in AUTH_MODES, f"one of {', '.join(AUTH_MODES)}")
+        self._range("rate_limit_per_min", 1 <= self.rate_limit_per_min <= 1_000_000, "an integer in [1, 1000000]")
+        self._range("trusted_proxies", self._networks() is not None, "comma-separated CIDRs, e.g. 10.0.0.0/8")
         self._range("model_tag", ":" in self.model_tag or not self.model_tag, "NAME:VERSION, e.g. sdloop:latest")
         if self.workers == 0:
             self.workers = _cores()
@@ -104,6 +120,25 @@ class ServeConfig:
             if text:
                 values[f.name] = _read(env, text, types[f.name], f.metadata["help"])
         return build_dataclass(cls, values, prefix="")
+
+    def _networks(self) -> Optional[list[Any]]:
+        """The trusted proxies as networks, or None when one of them is not a CIDR."""
+        import ipaddress
+
+        try:
+            return [ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",")
+                    if p.strip()]
+        except ValueError:
+            return None
+
+    @property
+    def proxy_networks(self) -> list[Any]:
+        """The networks whose X-Forwarded-For the service believes (checked in ``__post_init__``)."""
+        return self._networks() or []
+
+    @property
+    def keys_on(self) -> bool:
+        return self.auth == "keys"
 
     @property
     def admin_enabled(self) -> bool:
@@ -210,3 +245,21 @@ def check_port(host: str, port: int) -> None:
                                   "another with --port.") from None
             raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --host or --port.") \
                 from None
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(cfg: ServeConfig, host: str) -> None:
+    """Refuse to serve a non-loopback address without keys unless the operator said so: with SDLOOP_AUTH=off anyone
+    who reaches the port may generate (the host's CPU/GPU) and steer retraining through /feedback."""
+    import ipaddress
+
+    try:
+        loopback = host in LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not cfg.keys_on and not cfg.allow_no_auth:
+        raise ConfigError(f"--host {host} is not a loopback address and SDLOOP_AUTH=off: anyone could generate and "
+                          "rate; create a key (`sdloop keys create`) and set SDLOOP_AUTH=keys, or pass "
+                          "--insecure-no-auth (SDLOOP_ALLOW_NO_AUTH=1) to serve without keys anyway.")

@@ -2,8 +2,10 @@
 
 Every error is a JSON body ``{"error": what happened and what to do, "status": one word}`` with its HTTP status:
 400 for a request the model cannot take (prompt too long, a size outside its limits), 404 unknown generation,
-401/403 admin auth, 503 not ready (with the reason: nothing promoted yet, or the version refused and why), 504
-deadline (``status: "timeout"``). Records are committed to the store before the answer goes out. Settings come from
+401/403 auth (``unauthorized``, ``forbidden``), 429 a key over its rate limit or too many failed admin tokens, 503
+not ready (with the reason: nothing promoted yet, or the version refused and why) or ``store_unavailable`` (the
+monitoring store cannot be reached; it recovers by itself when the store is back), 504 deadline (``status:
+"timeout"``). Malformed requests never get here: ``bento.guard`` answers them. Records are committed to the store before the answer goes out. Settings come from
 the service's ``ServeConfig``, never from the environment here.
 """
 
@@ -20,12 +22,30 @@ from typing import Any, Optional
 
 from starlette.responses import JSONResponse, Response
 
+from bento.auth import FailureLimit, client_address, key_of
 from bento.runtime import ERRORS, FEEDBACK, GENERATIONS, LATENCY, DeadlineExceeded, ModelHolder, NotReady, \
     PromptTooLong, SizeNotSupported
 from bento.config import ServeConfig
 from bento.schemas import FeedbackRequest, FeedbackResponse, GeneratedImage, Txt2ImgRequest, Txt2ImgResponse
 
 log = logging.getLogger("sdloop.service")
+ADMIN_FAILURES = FailureLimit()
+_OUTAGES = {"OperationalError", "InterfaceError", "DatabaseError", "DisconnectionError", "TimeoutError",
+            "StoreError"}
+
+
+def store_outage(e: BaseException) -> bool:
+    """Whether ``e`` says the monitoring store cannot be reached or read (a 503 that heals), as opposed to a bug.
+    By name, so that no module but ``monitor/store*.py`` imports SQLAlchemy."""
+    return any(c.__name__ in _OUTAGES and c.__module__.split(".")[0] in ("sqlalchemy", "monitor")
+               for c in type(e).__mro__)
+
+
+def unavailable(e: BaseException, endpoint: str) -> JSONResponse:
+    log.warning("%s: the monitoring store is unavailable (%s: %s)", endpoint, type(e).__name__,
+                (str(e).splitlines() or [""])[0][:200])
+    return error(503, "store_unavailable", "the monitoring store cannot be reached or read; try again shortly "
+                                           "(the operator: check SDLOOP_STORE_URL's database)", endpoint)
 
 
 def error(status: int, word: str, message: str, endpoint: str) -> JSONResponse:
@@ -64,7 +84,8 @@ def _save_image(folder: Optional[Any], data: bytes, generation_id: str) -> Optio
     return str(path)
 
 
-def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, config: ServeConfig) -> Any:
+def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, config: ServeConfig,
+            request: Any = None) -> Any:
     """Generate (at the model's native size unless the request names one), log every image (descriptors,
     parameters with the size drawn, latency, version), and answer PNG or JSON."""
     from sdloop.descriptors import image_descriptors
@@ -98,14 +119,21 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
     latency = time.monotonic() - started
     LATENCY.observe(latency)
     params_logged = req.model_dump(exclude={"prompt", "negative_prompt"})
+    key = key_of(request)
     out = []
     for seed, image in images:
         data = _png(image)
         gid = uuid.uuid4().hex
-        store.log_generation(prompt=req.prompt, negative_prompt=req.negative_prompt,
-                             params={**params_logged, "seed": seed, "backend": model.backend}, model_version=tag,
-                             latency_s=latency, descriptors=image_descriptors(image),
-                             image_path=_save_image(config.generations_dir, data, gid), generation_id=gid)
+        try:
+            store.log_generation(prompt=req.prompt, negative_prompt=req.negative_prompt,
+                                 params={**params_logged, "seed": seed, "backend": model.backend},
+                                 model_version=tag, latency_s=latency, descriptors=image_descriptors(image),
+                                 image_path=_save_image(config.generations_dir, data, gid), generation_id=gid,
+                                 api_key_id=key.id if key else None)
+        except Exception as e:  # noqa: BLE001 - an image that cannot be logged is not answered: it could not be rated
+            if store_outage(e):
+                return unavailable(e, endpoint)
+            raise
         GENERATIONS.labels(model_version=tag).inc()
         out.append(GeneratedImage(generation_id=gid, seed=seed, image_png_base64=base64.b64encode(data).decode()))
     if png:
@@ -123,34 +151,60 @@ def with_status(ctx: Any, resp: Any) -> Any:
 
 
 def feedback(store: Any, params: dict[str, Any], request: Any) -> Any:
-    """Store (or replace) a client's feedback on a generation; 404 for an id never logged."""
-    from monitor.store import UnknownGeneration
+    """Store (or replace) a client's feedback on a generation; 404 for an id never logged. With keys, the rater is
+    the key (a client id names a user under it) and a key rates only its own generations unless it holds ``rater``;
+    without keys the rater is the client id the caller declares, else ``anonymous`` (never its address)."""
+    from monitor.store import FeedbackOfAnotherKey, UnknownGeneration
 
     fb = FeedbackRequest.model_construct(**params)
-    client = fb.client_id or request.headers.get("x-client-id") or \
-        (request.client.host if request.client else "anonymous")
+    key = key_of(request)
+    client = fb.client_id or request.headers.get("x-client-id") or (key.name if key else "anonymous")
     try:
+        if key is not None and store.get_generation(fb.generation_id) is not None \
+                and not store.may_rate(key, fb.generation_id):
+            return error(403, "forbidden", f"key {key.name!r} may rate only the generations it made (the 'rater' "
+                                           "scope rates any)", "feedback")
         row = store.add_feedback(fb.generation_id, client, rating=fb.rating,
                                  thumbs=None if fb.thumbs is None else (1 if fb.thumbs == "up" else -1),
-                                 comment=fb.comment, tags=list(fb.tags or []))
+                                 comment=fb.comment, tags=list(fb.tags or []), api_key_id=key.id if key else None)
     except UnknownGeneration:
         return error(404, "not_found", f"generation_id {fb.generation_id!r} is unknown: use the generation_id a "
                                        "txt2img answer returned", "feedback")
+    except FeedbackOfAnotherKey as e:
+        return error(409, "conflict", str(e), "feedback")
+    except Exception as e:  # noqa: BLE001
+        if store_outage(e):
+            return unavailable(e, "feedback")
+        raise
     FEEDBACK.labels(kind="update" if row["updated_existing"] else "new").inc()
     return FeedbackResponse(status="stored", feedback_id=row["id"], updated=row["updated_existing"])
 
 
-def admin_reload(model: ModelHolder, request: Any, token: str) -> Any:
-    """Load the champion now. Needs ``Authorization: Bearer $SDLOOP_ADMIN_TOKEN``; disabled (403) without a token.
-    A refused version is a 500 with the reason; the version served before keeps serving."""
-    if not token:
-        return error(403, "disabled", "admin endpoints are disabled: set SDLOOP_ADMIN_TOKEN on the server to "
-                                      "enable them", "admin_reload")
-    given = request.headers.get("authorization", "")
-    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
-        resp = error(401, "unauthorized", "send the admin token as 'Authorization: Bearer TOKEN'", "admin_reload")
-        resp.headers["WWW-Authenticate"] = "Bearer"
-        return resp
+def admin_reload(model: ModelHolder, request: Any, config: ServeConfig) -> Any:
+    """Load the champion now. Needs ``Authorization: Bearer $SDLOOP_ADMIN_TOKEN`` (or, with keys, a key with the
+    admin scope, checked by the guard); disabled (403) without either. After 5 wrong tokens from one address in a
+    minute, 429 until the minute is over: the token cannot be guessed at request speed. A refused version is a 500
+    with the reason; the version served before keeps serving."""
+    if key_of(request) is None:
+        token = config.admin_token
+        if not token:
+            return error(403, "disabled", "admin endpoints are disabled: set SDLOOP_ADMIN_TOKEN on the server to "
+                                          "enable them", "admin_reload")
+        address = client_address(request.scope, config.proxy_networks)
+        wait = ADMIN_FAILURES.retry_after(address)
+        if wait:
+            resp = error(429, "rate_limited", f"too many wrong admin tokens from {address}; retry in {wait} s",
+                         "admin_reload")
+            resp.headers["Retry-After"] = str(wait)
+            return resp
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+            ADMIN_FAILURES.failed(address)
+            log.warning("POST /admin/reload from %s: 401 wrong or missing admin token", address)
+            resp = error(401, "unauthorized", "send the admin token as 'Authorization: Bearer TOKEN'",
+                         "admin_reload")
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
     before = model.version
     try:
         now = model.refresh(force=True)

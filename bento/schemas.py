@@ -28,7 +28,18 @@ def _multiple_of_8(value: int) -> int:
     return value
 
 
-Side = Annotated[int, Field(ge=8, le=MAX_SIDE), AfterValidator(_multiple_of_8)]
+def _no_nul(value: str) -> str:
+    """PostgreSQL cannot store a NUL character: refuse it here (400) rather than after the image was made (500)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters (\\u0000)")
+    return value
+
+
+# Numbers are strict: JSON true or "2" where a number belongs is a 400, never stored as 1 or 2.
+Int = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]
+Text = Annotated[str, AfterValidator(_no_nul)]
+Side = Annotated[Int, Field(ge=8, le=MAX_SIDE), AfterValidator(_multiple_of_8)]
 
 
 class Txt2ImgRequest(BaseModel):
@@ -36,19 +47,19 @@ class Txt2ImgRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Annotated[str, Field(min_length=1, max_length=4000, description="What to draw.")]
-    negative_prompt: Annotated[str, Field(max_length=4000, description="What not to draw.")] = ""
-    steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description="Denoising steps.")] = 20
-    guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, description="Classifier-free guidance.")] = 7.5
+    prompt: Annotated[Text, Field(min_length=1, max_length=4000, description="What to draw.")]
+    negative_prompt: Annotated[Text, Field(max_length=4000, description="What not to draw.")] = ""
+    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS, description="Denoising steps.")] = 20
+    guidance_scale: Annotated[Number, Field(ge=0.0, le=30.0, description="Classifier-free guidance.")] = 7.5
     width: Annotated[Optional[Side], Field(description="Image width in pixels; default: the model's native width "
                                                        "(GET /info), which its limits may restrict further.")] = None
     height: Annotated[Optional[Side], Field(description="Image height in pixels; default: the model's native "
                                                         "height.")] = None
-    seed: Annotated[Optional[int], Field(ge=0, lt=2**63, description="Seed; random when absent, always "
+    seed: Annotated[Optional[Int], Field(ge=0, lt=2**63, description="Seed; random when absent, always "
                                                                       "returned.")] = None
-    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES, description="Images to generate (seed, seed+1, ...).")] \
+    num_images: Annotated[Int, Field(ge=1, le=MAX_IMAGES, description="Images to generate (seed, seed+1, ...).")] \
         = 1
-    timeout_s: Annotated[float, Field(gt=0, le=3600, description="Deadline of this request in seconds: past it the "
+    timeout_s: Annotated[Number, Field(gt=0, le=3600, description="Deadline of this request in seconds: past it the "
                                                                  "generation is interrupted and the answer is 504.")] \
         = DEFAULT_DEADLINE_S
 
@@ -72,12 +83,12 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    generation_id: Annotated[str, Field(min_length=1, max_length=64, description="From the txt2img answer.")]
-    rating: Annotated[Optional[int], Field(ge=1, le=5, description="1 (bad) to 5 (great).")] = None
-    thumbs: Annotated[Optional[str], Field(pattern="^(up|down)$", description="up or down.")] = None
-    comment: Annotated[Optional[str], Field(max_length=2000)] = None
-    tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=20)] = []
-    client_id: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Who rates (default: the "
+    generation_id: Annotated[Text, Field(min_length=1, max_length=64, description="From the txt2img answer.")]
+    rating: Annotated[Optional[Int], Field(ge=1, le=5, description="1 (bad) to 5 (great).")] = None
+    thumbs: Annotated[Optional[Text], Field(pattern="^(up|down)$", description="up or down.")] = None
+    comment: Annotated[Optional[Text], Field(max_length=2000)] = None
+    tags: Annotated[list[Annotated[Text, Field(min_length=1, max_length=64)]], Field(max_length=20)] = []
+    client_id: Annotated[Optional[Text], Field(min_length=1, max_length=200, description="Who rates (default: the "
                                                                                         "X-Client-Id header, else "
                                                                                         "the client address).")] \
         = None

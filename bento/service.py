@@ -3,7 +3,8 @@
 ``bentoml serve`` from the repo root (or ``sdloop serve``, which checks the settings, the store and the port first).
 Settings come from the environment so a container is configured without code; ``bento.config.ServeConfig`` reads
 and checks them (SDLOOP_WORKERS, SDLOOP_THREADS, SDLOOP_TORCH_THREADS, SDLOOP_BACKEND, SDLOOP_POLL_S,
-SDLOOP_DEADLINE_S, SDLOOP_MAX_*, SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN, SDLOOP_MODEL_TAG), and
+SDLOOP_DEADLINE_S, SDLOOP_MAX_*, SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN, SDLOOP_MODEL_TAG,
+SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN, SDLOOP_TRUSTED_PROXIES), and
 SDLOOP_HOME / BENTOML_HOME name the model store and champion pointer.
 """
 
@@ -22,6 +23,7 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from bento.config import ServeConfig  # noqa: E402
+from bento.guard import RequestGuard  # noqa: E402
 from bento.schemas import FeedbackRequest, FeedbackResponse, Txt2ImgRequest, Txt2ImgResponse  # noqa: E402
 from sdloop.champion import current_champion_tag  # noqa: E402
 
@@ -58,19 +60,21 @@ class SDService:
         self.model.stop()
 
     @bentoml.api(route="/txt2img", input_spec=Txt2ImgRequest)
-    def txt2img(self, **params: Any) -> bytes:
+    def txt2img(self, ctx: bentoml.Context, **params: Any) -> bytes:
         """One image as image/png (default size: the model's native one); generation id, seed and model version in
         X-Generation-Id, X-Seed, X-Model-Version."""
         from bento import handlers
 
-        return handlers.txt2img(self.model, self.store, params, png=True, config=self.config)
+        return handlers.with_status(ctx, handlers.txt2img(self.model, self.store, params, png=True,
+                                                          config=self.config, request=ctx.request))
 
     @bentoml.api(route="/txt2img_json", input_spec=Txt2ImgRequest)
-    def txt2img_json(self, **params: Any) -> Txt2ImgResponse:
+    def txt2img_json(self, ctx: bentoml.Context, **params: Any) -> Txt2ImgResponse:
         """Images as base64 PNG, each with its generation id and seed, and the model version."""
         from bento import handlers
 
-        return handlers.txt2img(self.model, self.store, params, png=False, config=self.config)
+        return handlers.with_status(ctx, handlers.txt2img(self.model, self.store, params, png=False,
+                                                          config=self.config, request=ctx.request))
 
     @bentoml.api(route="/feedback", input_spec=FeedbackRequest)
     def feedback(self, ctx: bentoml.Context, **params: Any) -> FeedbackResponse:
@@ -84,8 +88,10 @@ class SDService:
         """Load the current champion now (Authorization: Bearer $SDLOOP_ADMIN_TOKEN)."""
         from bento import handlers
 
-        return handlers.with_status(ctx, handlers.admin_reload(self.model, ctx.request, self.config.admin_token))
+        return handlers.with_status(ctx, handlers.admin_reload(self.model, ctx.request, self.config))
 
+
+SDService.add_asgi_middleware(RequestGuard)  # malformed requests and unknown callers end here (bento/guard.py)
 
 # `bentoml build` imports this module: the champion of the workspace's store goes into the Bento with it (served from
 # there when the container has no champion pointer: SDLOOP_MODEL_TAG=sdloop:latest in bentofile.yaml).

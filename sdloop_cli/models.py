@@ -153,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Before that it checks what would otherwise fail in every worker, over and over: the service's settings
     (``ServeConfig``, from the environment), the monitoring store (opened once) and the port (bound for a moment);
     each problem is one line and exit 2. The store URL is printed with its password masked."""
-    from bento.config import ServeConfig, check_port, check_store
+    from bento.config import ServeConfig, check_exposure, check_port, check_store
     from sdloop.workspace import home, use_bentoml_home
 
     root = Path(__file__).resolve().parent.parent
@@ -170,7 +170,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {"SDLOOP_WORKERS": args.workers, "SDLOOP_THREADS": args.threads,
              "SDLOOP_TORCH_THREADS": args.torch_threads, "SDLOOP_BACKEND": args.backend}  # a flag given wins
     os.environ.update({key: str(value) for key, value in flags.items() if value is not None})
+    if args.insecure_no_auth:
+        os.environ["SDLOOP_ALLOW_NO_AUTH"] = "1"
     cfg = ServeConfig.from_env()
+    check_exposure(cfg, args.host)
     store = check_store(cfg)
     check_port(args.host, args.port)
     argv = [sys.executable, "-m", "bentoml", "serve", "bento.service:SDService", "--host", args.host,
@@ -247,4 +250,6 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
                    "manifest; pytorch backend: cores / workers)")
     p.add_argument("--backend", choices=("onnx", "pytorch"), default=None,
                    help="onnx: the exported onnxruntime pipeline; pytorch: the source run's pipeline (fallback)")
+    p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
+                   help="serve a non-loopback --host without API keys (SDLOOP_AUTH=off) anyway")
     p.set_defaults(func=cmd_serve)

@@ -1,0 +1,146 @@
+"""The gate in front of the service's APIs: malformed requests and unknown callers are answered here, in one line.
+
+Why a middleware: BentoML validates an API's input inside its own endpoint wrapper and logs every validation 400 as
+an ERROR with a traceback, answers without the ``status`` field our clients read, and turns a multipart body without
+a boundary into a 500. This ASGI middleware (added with ``Service.add_asgi_middleware``, BentoML's public hook) reads
+the body of each API request first and checks what a client can get wrong: headers (NUL characters, an over-long
+``X-Client-Id``), the content type, the JSON against the same pydantic schema (strict numbers, no NUL in text), and,
+with ``SDLOOP_AUTH=keys``, the API key, its scope and its rate limit. A refusal is ``{"error", "status"}`` (plus
+pydantic's ``detail`` for a schema error), one WARNING line, and a count in ``sdloop_errors_total``; a request that
+passes goes on to BentoML with its body replayed and its key in ``request.state.api_key``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Awaitable, Callable, Optional
+
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+
+from bento.auth import Authenticator, client_address
+from bento.config import ServeConfig
+from bento.schemas import FeedbackRequest, Txt2ImgRequest
+
+log = logging.getLogger("sdloop.service")
+
+# path -> (endpoint name in the metrics, request schema, scope a key needs)
+ROUTES: dict[str, tuple[str, Optional[type[BaseModel]], str]] = {
+    "/txt2img": ("txt2img", Txt2ImgRequest, "generate"),
+    "/txt2img_json": ("txt2img_json", Txt2ImgRequest, "generate"),
+    "/feedback": ("feedback", FeedbackRequest, "feedback"),
+    "/admin/reload": ("admin_reload", None, "admin"),
+}
+MAX_BODY = 1 << 20          # the largest valid request is a few KB
+MAX_CLIENT_ID = 200         # as FeedbackRequest.client_id
+JSON_TYPES = ("", "application/json")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Refusal(Exception):
+    """A request answered here: its status, one word, what to do, and optionally pydantic's detail and headers."""
+
+    def __init__(self, status: int, word: str, message: str, detail: Any = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status, self.word, self.message, self.detail, self.headers = status, word, message, detail, headers
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"error": self.message, "status": self.word}
+        if self.detail is not None:
+            body["detail"] = self.detail
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def refuse(scope: Scope, endpoint: str, refusal: Refusal, proxies: list[Any]) -> JSONResponse:
+    """Count and log a client's mistake in one WARNING line (never a traceback), and build its answer."""
+    from bento.runtime import ERRORS  # registered in the workers only
+
+    ERRORS.labels(endpoint=endpoint, reason=refusal.word).inc()
+    log.warning("%s %s from %s: %d %s: %s", scope.get("method"), scope.get("path"),
+                client_address(scope, proxies), refusal.status, refusal.word, refusal.message)
+    return refusal.response()
+
+
+def check_headers(scope: Scope) -> None:
+    """NUL in a header value (PostgreSQL cannot store it), an over-long X-Client-Id, a body that is not JSON."""
+    for name, value in scope.get("headers", []):
+        if b"\x00" in value:
+            raise Refusal(400, "invalid", f"header {name.decode('latin-1')} contains a NUL character")
+        if name == b"x-client-id" and len(value) > MAX_CLIENT_ID:
+            raise Refusal(400, "invalid", f"X-Client-Id has {len(value)} characters; at most {MAX_CLIENT_ID}")
+    media = dict(scope.get("headers", [])).get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise Refusal(415, "unsupported_media_type", f"Content-Type {media!r} is not accepted: send a JSON body "
+                                                     "with 'Content-Type: application/json'")
+
+
+def check_body(body: bytes, schema: Optional[type[BaseModel]]) -> None:
+    """The body against the endpoint's schema (the same one BentoML validates with, so they agree)."""
+    if schema is None:
+        return
+    try:
+        schema.model_validate_json(body)
+    except ValidationError as e:
+        detail = json.loads(e.json(include_context=False, include_input=False, include_url=False))
+        where = "; ".join(f"{'.'.join(str(p) for p in d['loc']) or 'body'}: {d['msg']}" for d in detail)
+        raise Refusal(400, "invalid", where, detail=detail) from None
+
+
+class RequestGuard:
+    """ASGI middleware: checks each POST to an API before BentoML sees it (see the module docstring)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+        self._auth: Optional[Authenticator] = None
+
+    def current(self) -> Authenticator:
+        """The running service instance's settings (read once per instance, as the handlers read them), with their
+        key cache and rate buckets; a new instance (a restart in a test) gets fresh ones."""
+        import bentoml
+
+        config: ServeConfig = bentoml.get_current_service().config
+        if self._auth is None or self._auth.config is not config:
+            self._auth = Authenticator(config)
+        return self._auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        endpoint, schema, needs = route
+        auth = self.current()
+        body, more = b"", True
+        try:
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > MAX_BODY:
+                    raise Refusal(413, "too_large", f"the body is over {MAX_BODY} bytes")
+            check_headers(scope)
+            check_body(body, schema)
+            if auth.config.keys_on:
+                key = await run_in_threadpool(auth.authorize, scope, needs)
+                scope.setdefault("state", {})["api_key"] = key
+        except Refusal as refusal:
+            await refuse(scope, endpoint, refusal, auth.config.proxy_networks)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
