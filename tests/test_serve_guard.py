@@ -4,6 +4,7 @@ PostgreSQL alike, plus a store outage answered 503 that heals by itself."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -78,6 +79,11 @@ def test_the_schema_400_names_the_field_and_keeps_a_good_request_working(serving
     assert [d["loc"][-1] for d in r.json()["detail"]] == ["steps"] and r.json()["error"].startswith("steps:")
     r = serving.post("/txt2img_json", json={**TINY, "guidance_scale": 7, "timeout_s": 30})  # ints for floats: fine
     assert r.status_code == 200, r.text
+    import json
+
+    r = serving.post("/txt2img_json", content=json.dumps(TINY).encode(),  # curl -d without a Content-Type
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
 
 
 def test_keys_scopes_own_generations_and_rate_limits(champ: Champion, store_url: str,  # noqa: F811
@@ -148,26 +154,51 @@ def test_x_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
     assert client_address({"client": ("10.0.0.1", 1), "headers": xff}, []) == "10.0.0.1"
 
 
-def test_a_store_outage_is_503_and_heals(serving, store_url: str) -> None:  # noqa: ANN001
-    if not store_url.startswith("sqlite"):
-        pytest.skip("the outage is made by corrupting the sqlite file in place")
-    gid = serving.post("/txt2img_json", json=TINY).json()["images"][0]["generation_id"]
-    path = Path(store_url.removeprefix("sqlite:///"))
+@contextlib.contextmanager
+def _outage(store_url: str) -> Iterator[None]:
+    """The store down for the block: the sqlite file overwritten in place (then restored), or the PostgreSQL database
+    closed to connections and its sessions ended (then opened again)."""
     from monitor.store import open_store
 
     open_store(store_url).engine.dispose()
-    saved = {p: p.read_bytes() for p in path.parent.glob(path.name + "*")}
-    try:
+    if store_url.startswith("sqlite"):
+        path = Path(store_url.removeprefix("sqlite:///"))
+        saved = {p: p.read_bytes() for p in path.parent.glob(path.name + "*")}
         path.write_bytes(b"this is not a database" * 300)
-        r = serving.post("/feedback", json={"generation_id": gid, "rating": 4, "client_id": "a"})
+        try:
+            yield
+        finally:
+            for p, data in saved.items():
+                p.write_bytes(data)
+        return
+    import os
+
+    import sqlalchemy as sa
+
+    name = sa.engine.make_url(store_url).database
+    admin = sa.create_engine(os.environ["SDLOOP_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                     {"n": name})
+    try:
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+
+
+def test_a_store_outage_is_503_and_heals(serving, store_url: str) -> None:  # noqa: ANN001
+    gid = serving.post("/txt2img_json", json=TINY).json()["images"][0]["generation_id"]
+    rate = {"generation_id": gid, "rating": 4, "client_id": "a"}
+    with _outage(store_url):
+        r = serving.post("/feedback", json=rate)
         assert r.status_code == 503 and r.json()["status"] == "store_unavailable", r.text
         r = serving.post("/txt2img_json", json=TINY)
         assert r.status_code == 503 and r.json()["status"] == "store_unavailable", r.text
-    finally:
-        for p, data in saved.items():
-            p.write_bytes(data)
-    wait_for(lambda: serving.post("/feedback", json={"generation_id": gid, "rating": 4, "client_id": "a"})
-             .status_code == 200)
+    wait_for(lambda: serving.post("/feedback", json=rate).status_code == 200)
+    assert serving.post("/txt2img_json", json=TINY).status_code == 200
 
 
 def test_sdloop_serve_refuses_a_public_address_without_keys(champ: Champion, monkeypatch: pytest.MonkeyPatch,  # noqa: F811,E501
