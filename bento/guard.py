@@ -67,15 +67,15 @@ def refuse(scope: Scope, endpoint: str, refusal: Refusal, proxies: list[Any]) ->
 
 
 def check_headers(scope: Scope) -> None:
-    """NUL in a header value (PostgreSQL cannot store it), an over-long X-Client-Id, a form or pickle body. Any
-    other content type is read as JSON, as BentoML does (curl -d without a Content-Type keeps working)."""
+    """NUL in a header value (PostgreSQL cannot store it), an over-long X-Client-Id, a body that is not JSON (a form,
+    which BentoML would try to read and fail on with a traceback, or a 500 without a boundary)."""
     for name, value in scope.get("headers", []):
         if b"\x00" in value:
             raise Refusal(400, "invalid", f"header {name.decode('latin-1')} contains a NUL character")
         if name == b"x-client-id" and len(value) > MAX_CLIENT_ID:
             raise Refusal(400, "invalid", f"X-Client-Id has {len(value)} characters; at most {MAX_CLIENT_ID}")
     media = dict(scope.get("headers", [])).get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-    if media.startswith("multipart/") or media == "application/vnd.bentoml+pickle":  # BentoML: 500 / traceback
+    if media not in ("", "application/json"):  # BentoML would parse forms (a 500 without a boundary) and pickles
         raise Refusal(415, "unsupported_media_type", f"Content-Type {media!r} is not accepted: send a JSON body "
                                                      "with 'Content-Type: application/json'")
 

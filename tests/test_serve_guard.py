@@ -81,9 +81,11 @@ def test_the_schema_400_names_the_field_and_keeps_a_good_request_working(serving
     assert r.status_code == 200, r.text
     import json
 
-    r = serving.post("/txt2img_json", content=json.dumps(TINY).encode(),  # curl -d without a Content-Type
-                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = serving.post("/txt2img_json", content=json.dumps(TINY).encode())  # no Content-Type: read as JSON
     assert r.status_code == 200, r.text
+    r = serving.post("/txt2img_json", content=json.dumps(TINY).encode(),  # curl -d without -H: a form
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.json()["status"] == "unsupported_media_type" and "application/json" in r.text
 
 
 def test_keys_scopes_own_generations_and_rate_limits(champ: Champion, store_url: str,  # noqa: F811
