@@ -127,10 +127,10 @@ class RequestGuard:
                 if len(body) > MAX_BODY:
                     raise Refusal(413, "too_large", f"the body is over {MAX_BODY} bytes")
             check_headers(scope)
-            check_body(body, schema)
-            if auth.config.keys_on:
+            if auth.config.keys_on:  # before the body's check: a caller without a key learns nothing of the schema
                 key = await run_in_threadpool(auth.authorize, scope, needs)
                 scope.setdefault("state", {})["api_key"] = key
+            check_body(body, schema)
         except Refusal as refusal:
             await refuse(scope, endpoint, refusal, auth.config.proxy_networks)(scope, receive, send)
             return
