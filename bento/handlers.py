@@ -5,8 +5,8 @@ Every error is a JSON body ``{"error": what happened and what to do, "status": o
 401/403 auth (``unauthorized``, ``forbidden``), 429 a key over its rate limit or too many failed admin tokens, 503
 not ready (with the reason: nothing promoted yet, or the version refused and why) or ``store_unavailable`` (the
 monitoring store cannot be reached; it recovers by itself when the store is back), 504 deadline (``status:
-"timeout"``). Malformed requests never get here: ``bento.guard`` answers them. Records are committed to the store before the answer goes out. Settings come from
-the service's ``ServeConfig``, never from the environment here.
+"timeout"``). Malformed requests never get here: ``bento.guard`` answers them. Records are committed to the store
+before the answer goes out. Settings come from the service's ``ServeConfig``, never from the environment here.
 """
 
 from __future__ import annotations

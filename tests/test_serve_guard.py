@@ -11,9 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 from serve_support import Champion, promote, wait_for
-from test_serve import TINY, _client, _env, _free_port, champ  # noqa: F401 - the shared fixtures
-
-_ = (_env, champ)
+from test_serve import TINY, _client, _env, _free_port, champ  # noqa: F401 - the shared fixtures (used by name)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -129,12 +127,14 @@ def test_keys_scopes_own_generations_and_rate_limits(champ: Champion, store_url:
         assert r.status_code == 429 and r.json()["status"] == "rate_limited" and int(r.headers["retry-after"]) >= 1
 
 
-def test_the_admin_token_has_a_failure_limit_per_peer(champ: Champion, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811,E501
+def test_the_admin_token_has_a_failure_limit_per_peer(champ: Champion,  # noqa: F811
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from bento import handlers
+    from sdloop.champion import current_champion_tag
 
     monkeypatch.setattr(handlers, "ADMIN_FAILURES", handlers.FailureLimit())
     monkeypatch.setenv("SDLOOP_ADMIN_TOKEN", "s3cret")
-    if __import__("sdloop.champion", fromlist=["x"]).current_champion_tag() is None:
+    if current_champion_tag() is None:
         promote(champ, champ.tags[0])
     with _client() as c:
         wait_for(lambda: c.get("/readyz").status_code == 200)
@@ -203,7 +203,8 @@ def test_a_store_outage_is_503_and_heals(serving, store_url: str) -> None:  # no
     assert serving.post("/txt2img_json", json=TINY).status_code == 200
 
 
-def test_sdloop_serve_refuses_a_public_address_without_keys(champ: Champion, monkeypatch: pytest.MonkeyPatch,  # noqa: F811,E501
+def test_sdloop_serve_refuses_a_public_address_without_keys(champ: Champion,  # noqa: F811
+                                                           monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
     from sdloop_cli.main import main
 
