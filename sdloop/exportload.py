@@ -162,8 +162,10 @@ def smoke_test(opened: OpenedExport, steps: int = 4, prompt: str = "a red circle
 
     width, height = opened.native_size
     try:
-        out = opened.pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=5.0, width=width, height=height,
-                          generator=torch.Generator().manual_seed(seed), output_type="np")
+        with warnings.catch_warnings():  # diffusers' deprecation notes about optimum's components: not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            out = opened.pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=5.0, width=width,
+                              height=height, generator=torch.Generator().manual_seed(seed), output_type="np")
         image = np.asarray(out.images[0], dtype=np.float64)
     except Exception as e:  # noqa: BLE001 - any failure to draw refuses the version
         raise SmokeTestError(f"{opened.path} failed its smoke test: generating one {width}x{height} image raised "
