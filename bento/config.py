@@ -57,6 +57,8 @@ class ServeConfig:
     max_images: int = _f(4, "SDLOOP_MAX_IMAGES", "Most images one request may ask for, in [1, 64].")
     workers: int = _f(0, "SDLOOP_WORKERS", "Worker processes, one pipeline each, in [0, 1024]; 0: one per core.")
     threads: int = _f(8, "SDLOOP_THREADS", "Request threads per worker, in [1, 1024].")
+    queue: int = _f(4, "SDLOOP_QUEUE", "Requests that may wait for a worker's pipeline besides the one it runs, in "
+                                       "[0, 10000]; one more is answered 429 with Retry-After.")
     torch_threads: int = _f(0, "SDLOOP_TORCH_THREADS", "onnxruntime intra-op (and torch) threads per worker, in "
                                                        "[0, 1024]; 0: the export's own (its manifest's runtime) for "
                                                        "onnx, cores / workers for pytorch.")
@@ -94,6 +96,7 @@ class ServeConfig:
         self._range("max_images", 1 <= self.max_images <= 64, "an integer in [1, 64]")
         self._range("workers", 0 <= self.workers <= 1024, "an integer in [0, 1024] (0: one per core)")
         self._range("threads", 1 <= self.threads <= 1024, "an integer in [1, 1024]")
+        self._range("queue", 0 <= self.queue <= 10000, "an integer in [0, 10000]")
         self._range("torch_threads", 0 <= self.torch_threads <= 1024, "an integer in [0, 1024] (0: the export's)")
         self._range("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}")
         self._range("auth", self.auth in AUTH_MODES, f"one of {', '.join(AUTH_MODES)}")

@@ -2,11 +2,13 @@
 
 Every error is a JSON body ``{"error": what happened and what to do, "status": one word}`` with its HTTP status:
 400 for a request the model cannot take (prompt too long, a size outside its limits), 404 unknown generation,
-401/403 auth (``unauthorized``, ``forbidden``), 429 a key over its rate limit or too many failed admin tokens, 503
-not ready (with the reason: nothing promoted yet, or the version refused and why) or ``store_unavailable`` (the
-monitoring store cannot be reached; it recovers by itself when the store is back), 504 deadline (``status:
-"timeout"``). Malformed requests never get here: ``bento.guard`` answers them. Records are committed to the store
-before the answer goes out. Settings come from the service's ``ServeConfig``, never from the environment here.
+401/403 auth (``unauthorized``, ``forbidden``), 429 a key over its rate limit or too many failed admin tokens, 429
+``busy`` (the worker's queue is full; ``Retry-After``), 503 not ready (with the reason: nothing promoted yet, or the
+version refused and why) or ``store_unavailable`` (the monitoring store cannot be reached; it recovers by itself when
+the store is back), 504 deadline (``status: "timeout"``; also a request refused before any step because its measured
+steps cannot finish in time). Malformed requests never get here: ``bento.guard`` answers them. Records are committed
+to the store before the answer goes out. Settings come from the service's ``ServeConfig``, never from the
+environment here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Optional
 from starlette.responses import JSONResponse, Response
 
 from bento.auth import FailureLimit, client_address, key_of
+from bento.admission import QueueFull, WontFinish
 from bento.runtime import ERRORS, FEEDBACK, GENERATIONS, LATENCY, DeadlineExceeded, ModelHolder, NotReady, \
     PromptTooLong, SizeNotSupported
 from bento.config import ServeConfig
@@ -104,6 +107,13 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
         _failed(store, endpoint, "timeout", str(e), model.version)
         return error(504, "timeout", f"{e}; raise timeout_s (at most 3600) or ask for fewer steps or pixels",
                      endpoint)
+    except WontFinish as e:
+        _failed(store, endpoint, "timeout", str(e), model.version)
+        return error(504, "timeout", f"{e}; raise timeout_s or ask for fewer steps or pixels", endpoint)
+    except QueueFull as e:  # not logged to the store: under load that would add a write per refusal
+        resp = error(429, "busy", f"{e}, or send it to another replica", endpoint)
+        resp.headers["Retry-After"] = str(e.retry_after)
+        return resp
     except NotReady as e:
         _failed(store, endpoint, "not_ready", str(e), model.version)
         return error(503, "not_ready", f"no model is loaded ({e}); promote a version that works with `sdloop "
@@ -225,6 +235,6 @@ def info(_request: Any) -> Any:
     service = bentoml.get_current_service()
     body = service.model.info()
     settings = service.config.public()
-    body["settings"] = {k: settings[k] for k in ("deadline_s", "max_side", "max_steps", "max_images", "workers",
-                                                 "torch_threads", "poll_s")}
+    body["settings"] = {k: settings[k] for k in ("deadline_s", "max_side", "max_steps", "max_images", "queue",
+                                                 "workers", "torch_threads", "poll_s")}
     return JSONResponse(body)

@@ -5,7 +5,10 @@ Why these shapes:
 - One pipeline per worker, used by one request at a time (``ModelHolder.lock``): diffusers pipelines keep per-call
   state (scheduler timesteps), so two threads in one pipeline corrupt each other's images.
 - A deadline per request, checked between denoising steps (``callback_on_step_end`` raises): a client that got its
-  504 does not leave a generation running that delays everyone behind it. Waiting for the lock counts too.
+  504 does not leave a generation running that delays everyone behind it. Waiting for the lock counts too, and the
+  deadline is checked once more before the first step, so a request whose time ran out in the queue runs no step.
+- Admission (``bento.admission``): at most ``queue`` requests wait for the lock, the next one is refused at once
+  (429), and a request that its measured seconds per step say cannot finish in time is refused before any step.
 - New champions: a daemon thread polls the pointer file's mtime (``sdloop.champion``) every ``poll_s`` and loads a
   new champion beside the old one, then swaps the reference; a request in flight finishes on the pipeline it took.
 - An export is run exactly as its manifest says (``sdloop.exportload.open_export``: hashes checked, its providers,
@@ -25,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
+from bento.admission import Admission
 from sdloop.champion import MODEL_NAME, current_champion_tag, pointer_mtime
 from sdloop.errors import UserError, one_line
 
@@ -36,6 +40,7 @@ GENERATIONS = Counter("sdloop_generations", "Images generated", ["model_version"
 FEEDBACK = Counter("sdloop_feedback", "Feedback accepted", ["kind"])
 ERRORS = Counter("sdloop_errors", "Requests that failed", ["endpoint", "reason"])
 STEPS = Counter("sdloop_denoise_steps", "Denoising steps run (stops growing when a deadline interrupts)")
+WAITING = Gauge("sdloop_queue_waiting", "Requests waiting for this worker's pipeline", multiprocess_mode="livesum")
 LATENCY = Histogram("sdloop_generation_latency_seconds", "Time of one txt2img request, lock wait included",
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 
@@ -197,10 +202,12 @@ class ModelHolder:
     """The worker's current champion pipeline, kept up to date by a polling thread."""
 
     def __init__(self, name: str = MODEL_NAME, backend: str = "onnx", threads: Optional[int] = None,
-                 poll_s: float = 5.0, fallback_tag: Optional[str] = None, max_side: int = 1024) -> None:
+                 poll_s: float = 5.0, fallback_tag: Optional[str] = None, max_side: int = 1024,
+                 queue: int = 4) -> None:
         self.name, self.backend, self.threads, self.poll_s = name, backend, threads, poll_s
         self.fallback_tag, self.max_side = fallback_tag, max_side
         self.lock = threading.Lock()  # the pipeline: one request at a time
+        self.admission = Admission(queue)  # how many may wait for it, and what a request costs here
         self._loading = threading.Lock()  # one load at a time
         self.loaded: Optional[Loaded] = None
         self.last_error: Optional[str] = None
@@ -299,29 +306,49 @@ class ModelHolder:
         without width/height gets the model's native size; ``req`` is updated to the size drawn."""
         import torch
 
-        if not self._started.wait(timeout=max(0.0, deadline - time.monotonic())):
-            raise DeadlineExceeded(0, "while the worker loads its model")
-        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise DeadlineExceeded(0, "while waiting for the pipeline")
+        self.admission.enter()  # QueueFull: too many wait already
+        WAITING.set(self.admission.waiting)
         try:
-            loaded = self.loaded
-            if loaded is None:
-                raise NotReady(self.last_error or "no champion model is loaded yet")
-            for field_name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-                n = len(loaded.pipe.tokenizer(text, truncation=False).input_ids)
-                if n > loaded.max_tokens:
-                    raise PromptTooLong(f"{field_name} has {n} tokens; the text encoder takes at most "
-                                        f"{loaded.max_tokens}: shorten it")
-            req.width, req.height = loaded.size_for(req.width, req.height, self.max_side)
-            steps = [0]
+            if not self._started.wait(timeout=max(0.0, deadline - time.monotonic())):
+                raise DeadlineExceeded(0, "while the worker loads its model")
+            if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise DeadlineExceeded(0, "while waiting for the pipeline")
+            try:
+                return self._run(req, deadline, torch)
+            finally:
+                self.lock.release()
+        finally:
+            self.admission.leave()
+            WAITING.set(self.admission.waiting)
 
-            def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-                steps[0] += 1
-                STEPS.inc()
-                if time.monotonic() > deadline:
-                    raise DeadlineExceeded(steps[0], "during denoising")
-                return kwargs
+    def _run(self, req: Any, deadline: float, torch: Any) -> tuple[str, list[tuple[int, Any]]]:
+        """One request under the lock: checked against the model, its deadline and the measured time per step, then
+        run; the steps' timings go back to the admission estimates (also of an interrupted run)."""
+        held = time.monotonic()
+        loaded = self.loaded
+        if loaded is None:
+            raise NotReady(self.last_error or "no champion model is loaded yet")
+        for field_name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            n = len(loaded.pipe.tokenizer(text, truncation=False).input_ids)
+            if n > loaded.max_tokens:
+                raise PromptTooLong(f"{field_name} has {n} tokens; the text encoder takes at most "
+                                    f"{loaded.max_tokens}: shorten it")
+        req.width, req.height = loaded.size_for(req.width, req.height, self.max_side)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(0, "before the first denoising step")
+        shape = (req.width, req.height, req.num_images, req.guidance_scale > 1)
+        self.admission.check_time(shape, req.steps, left)  # WontFinish
+        ends: list[float] = []
 
+        def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            ends.append(time.monotonic())
+            STEPS.inc()
+            if ends[-1] > deadline:
+                raise DeadlineExceeded(len(ends), "during denoising")
+            return kwargs
+
+        try:
             seeds = [req.seed + i for i in range(req.num_images)]
             out = loaded.pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
                               num_inference_steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
@@ -330,4 +357,7 @@ class ModelHolder:
                               callback_on_step_end=on_step, output_type="pil")
             return loaded.tag, list(zip(seeds, out.images))
         finally:
-            self.lock.release()
+            if len(ends) >= 2:
+                self.admission.stepped(shape, (ends[-1] - ends[0]) / (len(ends) - 1))
+            if ends:  # a request refused before its first step says nothing of how long one takes
+                self.admission.ran(time.monotonic() - held)

@@ -3,8 +3,8 @@
 ``bentoml serve`` from the repo root (or ``sdloop serve``, which checks the settings, the store and the port first).
 Settings come from the environment so a container is configured without code; ``bento.config.ServeConfig`` reads
 and checks them (SDLOOP_WORKERS, SDLOOP_THREADS, SDLOOP_TORCH_THREADS, SDLOOP_BACKEND, SDLOOP_POLL_S,
-SDLOOP_DEADLINE_S, SDLOOP_MAX_*, SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN, SDLOOP_MODEL_TAG,
-SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN, SDLOOP_TRUSTED_PROXIES), and
+SDLOOP_DEADLINE_S, SDLOOP_QUEUE, SDLOOP_MAX_*, SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN,
+SDLOOP_MODEL_TAG, SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN, SDLOOP_TRUSTED_PROXIES), and
 SDLOOP_HOME / BENTOML_HOME name the model store and champion pointer.
 """
 
@@ -50,7 +50,8 @@ class SDService:
         configure_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers))
         self.store = open_store(cfg.resolved_store_url())
         self.model = ModelHolder(backend=cfg.backend, threads=cfg.torch_threads or None, poll_s=cfg.poll_s,
-                                 fallback_tag=cfg.model_tag or None, max_side=cfg.max_side)
+                                 fallback_tag=cfg.model_tag or None, max_side=cfg.max_side,
+                                 queue=cfg.queue)
 
     def __is_ready__(self) -> bool:
         return self.model.loaded is not None
