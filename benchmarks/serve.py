@@ -86,7 +86,9 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SDLOOP_HOME": str(home), "BENTOML_HOME": str(home / "bentoml"),
-               "SDLOOP_STORE_URL": store_url}
+               "SDLOOP_STORE_URL": store_url,
+               # throughput, not admission: a queue as deep as the 8 request threads refuses nothing (no 429)
+               "SDLOOP_QUEUE": os.environ.get("SDLOOP_QUEUE", "7")}
         args = [sys.executable, "-m", "sdloop_cli", "serve", "--port", str(self.port), "--workers", str(workers),
                 "--threads", "8"] + (["--torch-threads", str(torch_threads)] if torch_threads else [])
         self.log = tempfile.TemporaryFile()
