@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Awaitable, Callable, Optional
 
 from pydantic import BaseModel, ValidationError
@@ -115,6 +116,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         endpoint, schema, needs = route
+        # a request's deadline counts from here: reading its body, this check and BentoML's thread pool count too
+        scope.setdefault("state", {})["arrived"] = time.monotonic()
         auth = self.current()
         body, more = b"", True
         try:

@@ -100,7 +100,9 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
                                      "several", endpoint)
     if req.seed is None:
         req.seed = secrets.randbelow(2**31)
-    started = time.monotonic()
+    # from its arrival (stamped by the guard): the wait for one of BentoML's request threads counts against it too
+    started = getattr(request.state, "arrived", None) if request is not None else None
+    started = time.monotonic() if started is None else started
     try:
         tag, images = model.generate(req, started + req.timeout_s)
     except DeadlineExceeded as e:

@@ -153,3 +153,22 @@ def test_the_queue_setting_is_checked() -> None:
     assert ServeConfig.from_env({}).queue == 4 and ServeConfig.from_env({"SDLOOP_QUEUE": "0"}).queue == 0
     with pytest.raises(ConfigError, match="SDLOOP_QUEUE"):
         ServeConfig.from_env({"SDLOOP_QUEUE": "-1"})
+
+
+def test_the_deadline_counts_from_arrival(serving, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    import time
+
+    import bento.guard
+
+    check_body = bento.guard.check_body
+
+    def slow(*args: Any) -> Any:  # time spent between arrival and the handler (a body check, a busy thread pool)
+        time.sleep(0.4)
+        return check_body(*args)
+
+    monkeypatch.setattr(bento.guard, "check_body", slow)
+    before = _steps()
+    r = serving.post("/txt2img_json", json={**TINY, "timeout_s": 0.2})
+    assert r.status_code == 504 and "after 0 denoising step" in r.json()["error"], r.text
+    assert _steps() == before
+    assert serving.post("/txt2img_json", json={**TINY, "timeout_s": 30}).status_code == 200
