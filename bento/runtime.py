@@ -177,7 +177,8 @@ def _session_facts(pipe: Any) -> dict[str, Any]:
     except RuntimeError:  # not set: onnxruntime's default, which spins
         spinning = True
     return {"providers": list(session.get_providers()), "intra_op_num_threads": opts.intra_op_num_threads,
-            "inter_op_num_threads": opts.inter_op_num_threads, "allow_spinning": spinning}
+            "inter_op_num_threads": opts.inter_op_num_threads, "allow_spinning": spinning,
+            "cpu_mem_arena": opts.enable_cpu_mem_arena}
 
 
 def version_state(tag: str) -> tuple[Any, ...]:

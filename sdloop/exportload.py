@@ -30,7 +30,11 @@ class SmokeTestError(UserError):
 
 def session_options(rt: dict[str, Any], level: str = "ORT_ENABLE_ALL") -> Any:
     """onnxruntime SessionOptions for a runtime section: explicit threads (onnxruntime's default spins a thread per
-    core), sequential execution, spinning as recorded, and the recorded free-dimension overrides."""
+    core), sequential execution, spinning as recorded, the recorded free-dimension overrides, and no CPU memory arena
+    unless the runtime asks for one (``cpu_mem_arena``): the arena keeps what the largest request took for the life
+    of the process (a worker that drew 256x256 x4 once stayed about 350 MB above its idle size), while without it
+    the memory goes back when the request ends, at no measured cost in latency (tiny export, 64x64, 20 runs each,
+    alternating: 0.0553 s with the arena, 0.0545 s without at 20 steps; 0.0112 s and 0.0111 s at 2)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -38,6 +42,7 @@ def session_options(rt: dict[str, Any], level: str = "ORT_ENABLE_ALL") -> Any:
     so.inter_op_num_threads = int(rt.get("inter_op_num_threads") or 1)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.enable_cpu_mem_arena = bool(rt.get("cpu_mem_arena", False))
     so.log_severity_level = 4  # fatal only: a graph that fails to load is our one line, not also a C++ log line
     if not rt.get("allow_spinning", True):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -172,3 +172,7 @@ def test_the_deadline_counts_from_arrival(serving, monkeypatch: pytest.MonkeyPat
     assert r.status_code == 504 and "after 0 denoising step" in r.json()["error"], r.text
     assert _steps() == before
     assert serving.post("/txt2img_json", json={**TINY, "timeout_s": 30}).status_code == 200
+
+
+def test_the_cpu_arena_is_off_so_a_large_request_gives_its_memory_back(serving) -> None:  # noqa: ANN001
+    assert serving.get("/info").json()["cpu_mem_arena"] is False
