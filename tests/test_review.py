@@ -106,15 +106,22 @@ def test_review_folder_holds_pairs_and_images(review_dir: Path, runs: tuple[Path
 
 
 def _click(driver, element_id: str) -> None:
-    """Click a vote button and wait for the next page (the form posts, the server redirects)."""
+    """Click a vote button and wait for the next page (the form posts, the server redirects).
+
+    The old page is marked with a window property before the click; the wait ends when a document without the
+    mark has finished loading. Chromium answers a query about the old page's button during navigation with any of
+    several errors (stale element, "node does not belong to the document"), so every WebDriver error while the
+    navigation runs means "not yet" rather than a failure.
+    """
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    button = driver.find_element(By.ID, element_id)
-    button.click()
-    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(button))
-    WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    driver.execute_script("window.__sdloopOldPage = true;")
+    driver.find_element(By.ID, element_id).click()
+    WebDriverWait(driver, 60, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.__sdloopOldPage === undefined && document.readyState === 'complete'"))
 
 
 def test_review_page_round_trip_in_headless_chromium(review_dir: Path, tmp_path: Path) -> None:
