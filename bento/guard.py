@@ -12,8 +12,10 @@ passes goes on to BentoML with its body replayed and its key in ``request.state.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
 from typing import Any, Awaitable, Callable, Optional
 
@@ -137,13 +139,29 @@ class RequestGuard:
         except Refusal as refusal:
             await refuse(scope, endpoint, refusal, auth.config.proxy_networks)(scope, receive, send)
             return
+        # a client that closes its connection cancels its generation within one step: after the whole body the only
+        # message left on the connection is http.disconnect, so one task waits for it and sets the request's event
+        # (the sync handler's thread checks it between steps); the app's own receive() gets the same message
+        disconnected = threading.Event()
+        scope["state"]["disconnected"] = disconnected
+
+        async def watch() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+            return message
+
+        watcher = asyncio.ensure_future(watch())
         replayed = False
 
         async def replay() -> dict[str, Any]:
             nonlocal replayed
             if replayed:
-                return await receive()
+                return await asyncio.shield(watcher)
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()

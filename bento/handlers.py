@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response
 
 from bento.auth import FailureLimit, client_address, key_of
 from bento.admission import QueueFull, WontFinish
-from bento.runtime import ERRORS, FEEDBACK, GENERATIONS, LATENCY, DeadlineExceeded, ModelHolder, NotReady, \
-    PromptTooLong, SizeNotSupported
+from bento.runtime import ERRORS, FEEDBACK, GENERATIONS, LATENCY, Cancelled, DeadlineExceeded, ModelHolder, \
+    NotReady, PromptTooLong, SizeNotSupported
 from bento.config import ServeConfig
 from bento.schemas import FeedbackRequest, FeedbackResponse, GeneratedImage, Txt2ImgRequest, Txt2ImgResponse
 
@@ -103,8 +103,13 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
     # from its arrival (stamped by the guard): the wait for one of BentoML's request threads counts against it too
     started = getattr(request.state, "arrived", None) if request is not None else None
     started = time.monotonic() if started is None else started
+    state = request.state if request is not None else None
     try:
-        tag, images = model.generate(req, started + req.timeout_s)
+        tag, images = model.generate(req, started + req.timeout_s, cancel=getattr(state, "disconnected", None))
+    except Cancelled as e:  # nobody reads this answer: the client closed its connection
+        _failed(store, endpoint, "cancelled", f"the client disconnected; {e}", model.version)
+        log.info("%s: the client disconnected; %s", endpoint, e)
+        return error(499, "client_closed", f"the client closed its connection; {e}", endpoint)
     except DeadlineExceeded as e:
         _failed(store, endpoint, "timeout", str(e), model.version)
         return error(504, "timeout", f"{e}; raise timeout_s (at most 3600) or ask for fewer steps or pixels",

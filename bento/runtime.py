@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -50,6 +50,14 @@ class DeadlineExceeded(Exception):
 
     def __init__(self, steps: int, where: str) -> None:
         super().__init__(f"deadline passed {where} after {steps} denoising step(s); the generation was stopped")
+        self.steps = steps
+
+
+class Cancelled(Exception):
+    """The caller went away (closed its connection) or cancelled its job; ``steps`` denoising steps had run."""
+
+    def __init__(self, steps: int, where: str) -> None:
+        super().__init__(f"cancelled {where} after {steps} denoising step(s)")
         self.steps = steps
 
 
@@ -106,6 +114,20 @@ class Loaded:
                                        f"{side}, try {near}")
             out.append(side)
         return out[0], out[1]
+
+
+def _wait_until(acquire: Callable[..., bool], deadline: float, cancel: Optional[threading.Event],
+                slice_s: float = 0.1) -> bool:
+    """``acquire(timeout=...)`` until it succeeds (True) or ``deadline`` passes (False), in slices so that a set
+    ``cancel`` ends the wait within one slice (``Cancelled``): a caller that went away frees its queue place."""
+    while True:
+        left = deadline - time.monotonic()
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(0, "while waiting for the pipeline")
+        if acquire(timeout=max(0.0, min(left, slice_s) if cancel is not None else left)):
+            return True
+        if left <= 0 or time.monotonic() >= deadline:
+            return False
 
 
 def configure_threads(threads: int) -> int:
@@ -300,29 +322,33 @@ class ModelHolder:
     def stop(self) -> None:
         self._stop.set()
 
-    def generate(self, req: Any, deadline: float) -> tuple[str, list[tuple[int, Any]]]:
-        """Run one request on the current pipeline under the lock; interrupt it at ``deadline`` (monotonic).
+    def generate(self, req: Any, deadline: float, cancel: Optional[threading.Event] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> tuple[str, list[tuple[int, Any]]]:
+        """Run one request on the current pipeline under the lock; interrupt it at ``deadline`` (monotonic), or
+        within one step of ``cancel`` being set (the client disconnected, or cancelled its job: ``Cancelled``).
 
-        A request that reaches a worker still loading waits for that first load (within its deadline). A request
-        without width/height gets the model's native size; ``req`` is updated to the size drawn."""
+        ``progress(i, n)`` is called after each denoising step (i of n), from the generating thread. A request that
+        reaches a worker still loading waits for that first load (within its deadline). A request without
+        width/height gets the model's native size; ``req`` is updated to the size drawn."""
         import torch
 
         self.admission.enter()  # QueueFull: too many wait already
         WAITING.set(self.admission.waiting)
         try:
-            if not self._started.wait(timeout=max(0.0, deadline - time.monotonic())):
+            if not _wait_until(self._started.wait, deadline, cancel):
                 raise DeadlineExceeded(0, "while the worker loads its model")
-            if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            if not _wait_until(self.lock.acquire, deadline, cancel):
                 raise DeadlineExceeded(0, "while waiting for the pipeline")
             try:
-                return self._run(req, deadline, torch)
+                return self._run(req, deadline, torch, cancel, progress)
             finally:
                 self.lock.release()
         finally:
             self.admission.leave()
             WAITING.set(self.admission.waiting)
 
-    def _run(self, req: Any, deadline: float, torch: Any) -> tuple[str, list[tuple[int, Any]]]:
+    def _run(self, req: Any, deadline: float, torch: Any, cancel: Optional[threading.Event] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> tuple[str, list[tuple[int, Any]]]:
         """One request under the lock: checked against the model, its deadline and the measured time per step, then
         run; the steps' timings go back to the admission estimates (also of an interrupted run)."""
         held = time.monotonic()
@@ -338,6 +364,8 @@ class ModelHolder:
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded(0, "before the first denoising step")
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(0, "before the first denoising step")
         shape = (req.width, req.height, req.num_images, req.guidance_scale > 1)
         self.admission.check_time(shape, req.steps, left)  # WontFinish
         ends: list[float] = []
@@ -347,6 +375,10 @@ class ModelHolder:
             STEPS.inc()
             if ends[-1] > deadline:
                 raise DeadlineExceeded(len(ends), "during denoising")
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(len(ends), "during denoising")
+            if progress is not None:
+                progress(len(ends), req.steps)
             return kwargs
 
         try:
