@@ -48,7 +48,8 @@ def evidence(report: Any, store: Store, now: dt.datetime) -> Evidence:
     return Evidence(enough_data=bool(report.enough_data), drift=list(report.drift_reasons()),
                     bad_feedback=list(report.feedback_reasons()), service=list(report.service_reasons()),
                     new_feedback=new_feedback_since(store, since), hours_since_retrain=hours,
-                    last_outcome=last["status"] if last else None)
+                    last_outcome=last["status"] if last else None,
+                    reference_wait=getattr(report, "wait", None))
 
 
 def run_check(cfg: MonitorConfig, store: Optional[Store] = None, now: Optional[dt.datetime] = None,

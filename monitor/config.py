@@ -40,8 +40,10 @@ class MonitorConfig:
     # -- windows -------------------------------------------------------------------------------------------------
     current_hours: float = _f(24.0, "Length of the current window (ending now) that reports and checks look at.")
     reference_hours: float = _f(168.0, "Length of the reference window frozen when a champion is promoted: the "
-                                       "traffic of this many hours before the promotion (or, with none, the "
-                                       "champion's first generations).")
+                                       "champion's own generations of this many hours before the promotion (a "
+                                       "version that served before, e.g. a rollback to it), when it served "
+                                       "min_generations there; otherwise its first min_generations after it. Only "
+                                       "the champion's own traffic is ever its reference.")
     min_generations: int = _f(30, "Fewer generations than this in either window: the report says 'not enough "
                                   "data' instead of a verdict.")
     keep_reports: int = _f(168, "Report folders kept in $SDLOOP_HOME/monitor/reports (the oldest beyond this are "
@@ -50,7 +52,9 @@ class MonitorConfig:
     # -- drift tests ---------------------------------------------------------------------------------------------
     prompt_drift_method: str = _f("wasserstein", f"Drift method of the prompt descriptors, one of {DRIFT_METHODS}.")
     prompt_drift_threshold: float = _f(0.5, "Drift score above which a prompt descriptor has drifted (for "
-                                            "wasserstein: in reference standard deviations; two samples of 30 from "
+                                            "wasserstein: in reference standard deviations, or in the descriptor's "
+                                            "spread floor when the reference barely varies, see monitor/drift.py; "
+                                            "two samples of 30 from "
                                             "one distribution already differ by 0.29 typically, 0.51 at the 95th "
                                             "percentile).")
     prompt_text_threshold: float = _f(0.95, "Threshold of Evidently's text drift of the raw prompts (a classifier's "

@@ -82,10 +82,14 @@ def _feedback_by_generation(store: "Store", window: "Window") -> pd.DataFrame:
 
 
 def window_data(store: "Store", window: "Window", vocab: Optional[Counter] = None) -> WindowData:
-    """The window's frame and counts. ``vocab``: the reference vocabulary (None: this is the reference, measured
-    leave-one-out against itself)."""
+    """The window's frame and counts (only ``window.model_version``'s generations when it names one; failed requests
+    are counted over the whole time range, since a failure may have no version). ``vocab``: the reference
+    vocabulary (None: this is the reference, measured leave-one-out against itself)."""
     rows = store.generations(since=window.since, until=window.until)
     fb = _feedback_by_generation(store, window)
+    if window.model_version is not None:  # a window of one version: its generations and the feedback on them
+        rows = [r for r in rows if r["model_version"] == window.model_version]
+        fb = fb[fb["generation_id"].isin({r["id"] for r in rows})].reset_index(drop=True)
     prompts = [r["prompt"] for r in rows]
     ref_vocab = vocab if vocab is not None else vocabulary(prompts)
     records = []

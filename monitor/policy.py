@@ -4,7 +4,10 @@ Kept free of I/O and of the clock so every case can be tested by itself and a de
 evidence: the caller (``monitor.check``) reads the report, counts the feedback and looks up the last retraining,
 then asks ``decide``. The rules, in order:
 
-1. The report had too little data for a verdict: ``not_enough_data`` (a verdict on a handful of rows is noise).
+1. The champion has not yet served the generations its own reference window needs (``reference_wait``): ``wait``,
+   saying how many it has and needs (judging it on the previous champion's traffic would judge the wrong model).
+   Otherwise, the report had too little data for a verdict: ``not_enough_data`` (a verdict on a handful of rows is
+   noise).
 2. No drift and no bad feedback: ``healthy``. Service problems (latency, error rate) are reported in the reasons but
    never retrained on: a new LoRA does not make the server faster or the requests succeed.
 3. Drift or bad feedback, but the last retraining (whatever its outcome: a rejected or failed one counts, or a
@@ -38,6 +41,7 @@ class Evidence:
     new_feedback: int = 0                                    # feedback rows since the last retraining (or ever)
     hours_since_retrain: Optional[float] = None              # since the last retraining started; None: never
     last_outcome: Optional[str] = None                       # e.g. "promoted", "rejected", "failed"
+    reference_wait: Optional[str] = None                     # the champion's own reference is not full yet: why
 
     def __post_init__(self) -> None:
         for name in ("drift", "bad_feedback", "service"):  # our own copies: a caller's later edits change nothing
@@ -89,6 +93,9 @@ def decide(evidence: Evidence, cfg: MonitorConfig) -> Decision:
     """The action the evidence calls for under ``cfg``'s cooldown and feedback minimum; see the module docstring."""
     service = [f"service (reported, not retrained on: retraining does not fix it): {line}"
                for line in evidence.service]
+    if not evidence.enough_data and evidence.reference_wait:
+        return Decision("wait", [f"no verdict yet: {evidence.reference_wait}"] + service,
+                        service=list(evidence.service))
     if not evidence.enough_data:
         return Decision("not_enough_data",
                         [f"the monitoring report has too little data for a verdict (each window needs at least "

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently's telemetry: off before it is ever imported
 
+from monitor.drift import method_for
 from monitor.frames import IMAGE_COLUMNS, NUMERIC_COLUMNS, PROMPT_COLUMNS, WindowData, window_pair, words
 from monitor.report_files import add_to_workspace, out_dir_for, write_files
-from monitor.windows import Window, current_window, iso, reference_window
+from monitor.windows import Window, champion_current, choose_reference, current_window, iso
 from sdloop.atomic import write_json_atomic
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class MonitorReport:
     mean_rating: dict[str, Optional[float]] = field(default_factory=dict)
     workspace_run: Optional[str] = None
     build_s: float = 0.0
+    wait: Optional[str] = None  # no reference yet because the champion has served too few generations: why
+
 
     @property
     def status(self) -> str:
@@ -110,7 +113,7 @@ class MonitorReport:
     def lines(self) -> list[str]:
         """The report as text for the terminal: windows, counts, every test, the files."""
         ref = f"{iso(self.reference.since)}..{iso(self.reference.until)} ({self.reference.how})" \
-            if self.reference else "none yet (not enough traffic since the champion's promotion)"
+            if self.reference else f"none yet ({self.wait or 'no champion, or not enough traffic since its promotion'})"
         out = [f"status: {self.status.upper().replace('_', ' ')}",
                f"current:   {iso(self.current.since)}..{iso(self.current.until)} ({self.current.how}) "
                f"{self.counts.get('current')}", f"reference: {ref} {self.counts.get('reference', '')}".rstrip()]
@@ -126,7 +129,8 @@ class MonitorReport:
                 "reasons": {"drift": self.drift_reasons(), "feedback": self.feedback_reasons(),
                             "service": self.service_reasons()},
                 "tests": [t.to_dict() for t in self.tests], "html": str(self.html), "json": str(self.json),
-                "summary": str(self.summary), "workspace_run": self.workspace_run, "build_s": round(self.build_s, 3)}
+                "summary": str(self.summary), "workspace_run": self.workspace_run, "build_s": round(self.build_s, 3),
+                "wait": self.wait}
 
 
 def _num(value: Any) -> Optional[float]:
@@ -177,10 +181,13 @@ def _plan(cfg: "MonitorConfig", cur: WindowData, ref: Optional[WindowData], verd
                                             ("images", IMAGE_COLUMNS, cfg.image_drift_method,
                                              cfg.image_drift_threshold)):
             for col in columns:
-                p.add(ValueDrift(column=col, method=method, threshold=thr), name=f"{col} drift", group=group,
-                      threshold=thr, decisive=False, fmt=f"{col}: drift score {{v:.3g}} ({method}, threshold {{t:g}})")
-            p.add(DriftedColumnsCount(columns=list(columns), method=method, threshold=thr, drift_share=cfg.drift_share,
-                                      tests=[], share_tests=[lt(cfg.drift_share)]),
+                p.add(ValueDrift(column=col, method=method_for(col, method), threshold=thr), name=f"{col} drift",
+                      group=group, threshold=thr, decisive=False,
+                      fmt=f"{col}: drift score {{v:.3g}} ({method}, threshold {{t:g}})")
+            p.add(DriftedColumnsCount(columns=list(columns), per_column_method={c: method_for(c, method)
+                                                                                for c in columns},
+                                      threshold=thr, drift_share=cfg.drift_share, tests=[],
+                                      share_tests=[lt(cfg.drift_share)]),
                   name=f"{group[:-1]} drift", group=group, threshold=cfg.drift_share, share=True, columns=columns,
                   fmt=f"{group[:-1]} drift: {{v:.0%}} of the {group[:-1]} descriptors drifted (limit {{t:.0%}})")
     if verdict and min(cur.generations, ref.generations if ref else 0) >= TEXT_DRIFT_MIN_ROWS \
@@ -223,12 +230,12 @@ def _plan(cfg: "MonitorConfig", cur: WindowData, ref: Optional[WindowData], verd
 
 
 def _own_tests(cfg: "MonitorConfig", cur: WindowData, ref: Optional[WindowData], reference: Optional[Window],
-               verdict: bool) -> list[TestResult]:
+               verdict: bool, wait: Optional[str] = None) -> list[TestResult]:
     out = []
     if reference is None:
         out.append(TestResult("reference generations", "volume", "not_enough_data", None, cfg.min_generations,
-                              "no reference window yet: no champion, or its first "
-                              f"{cfg.min_generations} generations are not in yet"))
+                              f"no reference window yet: {wait}" if wait else "no reference window yet: no "
+                              f"champion, or its first {cfg.min_generations} generations are not in yet"))
     else:
         n = ref.generations if ref is not None else 0
         out.append(TestResult("reference generations", "volume", "pass" if n >= cfg.min_generations else "fail",
@@ -305,8 +312,9 @@ def build_report(store: "Store", cfg: "MonitorConfig", since: Optional[dt.dateti
     start = time.perf_counter()
     created = dt.datetime.now(dt.timezone.utc)
     target, fresh = out_dir_for(out_dir, created)
-    current = current_window(cfg, now=now, since=since, until=until)
-    ref_window = reference_window(store, cfg, now=now, explicit=reference)
+    choice = choose_reference(store, cfg, now=now, explicit=reference)
+    current = champion_current(current_window(cfg, now=now, since=since, until=until), choice)
+    ref_window = choice.window
     cur, ref = window_pair(store, current, ref_window)
     enough = (ref is not None and cur.generations >= cfg.min_generations and ref.generations >= cfg.min_generations)
     plan = _plan(cfg, cur, ref, enough)
@@ -317,13 +325,14 @@ def build_report(store: "Store", cfg: "MonitorConfig", since: Optional[dt.dateti
     else:
         tests = [TestResult("current generations", "volume", "fail", 0.0, float(cfg.min_generations),
                             f"no generations in the current window (at least {cfg.min_generations} needed)")]
-    tests += plan.own + _own_tests(cfg, cur, ref, ref_window, enough)
+    tests += plan.own + _own_tests(cfg, cur, ref, ref_window, enough, choice.wait)
     tests.sort(key=lambda t: GROUPS.index(t.group))
     counts = {"current": cur.counts(), **({"reference": ref.counts()} if ref is not None else {})}
     rep = MonitorReport(current=current, reference=ref_window, counts=counts, tests=tests, enough_data=enough,
                         html=target / "report.html", json=target / "report.json", summary=target / "summary.json",
                         created=created,
-                        mean_rating={"current": _mean(cur, "rating"), "reference": _mean(ref, "rating")})
+                        mean_rating={"current": _mean(cur, "rating"), "reference": _mean(ref, "rating")},
+                        wait=choice.wait)
     if snapshot is not None and workspace:
         rep.workspace_run = add_to_workspace(snapshot, f"{rep.status}: {iso(current.since)}..{iso(current.until)}")
     write_files(rep, snapshot, target, fresh)

@@ -1,13 +1,28 @@
-"""The two time windows a monitoring report compares: the current traffic and the champion's frozen reference.
+"""The two windows a monitoring report compares: the champion's current traffic and its frozen reference.
+
+Windows are per model version. The verdict is about the champion, so both windows hold only generations the champion
+served (``Window.model_version``): after a promotion, the traffic the old champion served, and the ratings its images
+got, say nothing about the new one. (Before, the reference of a new champion was the week of traffic before its
+promotion, and the current window the last day: after a promotion both held mostly the old champion's generations,
+and the new champion was judged on the old one's ratings.)
 
 Drift only means something against a fixed yardstick. If the reference were "the week before now", a slow drift
 would drag its own reference along and never be seen; so the reference of a champion is frozen once, in the store's
 ``reference_windows`` table, and never moves again while that champion serves (a new champion gets its own):
 
-- the ``reference_hours`` of traffic before the champion's promotion, when that holds at least ``min_generations``
-  generations (the traffic the champion was chosen for);
+- the ``reference_hours`` before the champion's promotion, when it served ``min_generations`` generations in them
+  itself (a version that served before: a rollback to it, or a canary);
 - otherwise the champion's own first ``min_generations`` generations after its promotion, frozen as soon as they
-  exist (a fresh service has no earlier traffic); until then there is no reference ("not enough data").
+  exist. Until then
+there is no reference and the verdict is WAIT, with a reason saying how many of its own generations the champion has
+served and how many the reference needs (``ReferenceChoice.wait``). A window frozen by the earlier rule (the traffic
+before the promotion, which holds too few of the champion's own generations) is not used.
+
+The current window may still overlap the champion's own reference while it is young (its first generations are in
+both): that dilutes drift, but the feedback tests (mean rating, thumbs down) judge the current window alone, and
+starting the current window after the reference would leave a small service with no verdict for another
+``min_generations``. An explicit ``--reference SINCE..UNTIL`` is taken as given: every generation in that time,
+whichever version served it.
 """
 
 from __future__ import annotations
@@ -25,15 +40,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Window:
-    """A half-open time range [since, until) of the generation log (aware UTC datetimes) and how it was chosen."""
+    """A half-open time range [since, until) of the generation log (aware UTC datetimes), how it was chosen, and
+    the model version whose generations it holds (None: all of them)."""
 
     since: dt.datetime
     until: dt.datetime
     how: str
+    model_version: Optional[str] = None  # only this version's generations (None: every generation in the range)
 
     def to_dict(self) -> dict[str, Any]:
         return {"since": iso(self.since), "until": iso(self.until), "how": self.how,
-                "hours": round((self.until - self.since).total_seconds() / 3600.0, 3)}
+                "hours": round((self.until - self.since).total_seconds() / 3600.0, 3),
+                "model_version": self.model_version}
 
 
 def iso(when: dt.datetime) -> str:
@@ -89,9 +107,9 @@ def current_window(cfg: "MonitorConfig", now: Optional[dt.datetime] = None, sinc
 
 
 def frozen_window(store: "Store", champion: str) -> Optional[Window]:
-    """The reference window frozen for ``champion``, or None."""
+    """The reference window frozen for ``champion`` (holding only its generations), or None."""
     row = store.frozen_reference(champion)
-    return Window(as_utc(row["since"]), as_utc(row["until"]), row["how"]) if row else None
+    return Window(as_utc(row["since"]), as_utc(row["until"]), row["how"], champion) if row else None
 
 
 def _freeze(store: "Store", champion: str, window: Window, now: dt.datetime) -> Window:
@@ -100,29 +118,63 @@ def _freeze(store: "Store", champion: str, window: Window, now: dt.datetime) -> 
     return frozen_window(store, champion) or window
 
 
-def reference_window(store: "Store", cfg: "MonitorConfig", now: Optional[dt.datetime] = None,
-                     explicit: Optional[Window] = None) -> Optional[Window]:
+@dataclass(frozen=True)
+class ReferenceChoice:
+    """The reference window, or None and, when a champion is waiting for its own traffic, why (``wait``)."""
+
+    window: Optional[Window]
+    wait: Optional[str] = None
+    champion: Optional[str] = None
+
+
+def _own(store: "Store", tag: str, since: dt.datetime, until: dt.datetime, n: int) -> list[dt.datetime]:
+    return [as_utc(t) for t in store.first_generation_times(tag, since, until, n)]
+
+
+def choose_reference(store: "Store", cfg: "MonitorConfig", now: Optional[dt.datetime] = None,
+                     explicit: Optional[Window] = None) -> ReferenceChoice:
     """The window the current one is compared with: ``explicit`` when given, else the current champion's frozen one
-    (freezing it now when the rule above allows). None: no champion, or not enough traffic yet to freeze one."""
-    if explicit is not None:
-        return explicit
+    (freezing it now when the champion has served ``min_generations``); see the module docstring."""
     from sdloop.champion import champion_since
 
     champ = champion_since()
+    tag = champ[0] if champ else None
+    if explicit is not None:
+        return ReferenceChoice(explicit, None, tag)
     if champ is None:
-        return None
-    tag, promoted = champ
+        return ReferenceChoice(None)
+    promoted = champ[1]
+    need = cfg.min_generations
     held = frozen_window(store, tag)
-    if held is not None:
-        return held
+    if held is not None and len(_own(store, tag, held.since, held.until, need)) >= need:
+        return ReferenceChoice(held, None, tag)
     end = _now(now)
     before = Window(promoted - dt.timedelta(hours=cfg.reference_hours), promoted,
-                    f"frozen when {tag} was promoted: {cfg.reference_hours:g} h before")
-    if promoted <= end and store.count_generations(before.since, before.until) >= cfg.min_generations:
-        return _freeze(store, tag, before, end)
-    first = [as_utc(t) for t in store.first_generation_times(tag, promoted, end, cfg.min_generations)]
-    if len(first) < cfg.min_generations:
-        return None
+                    f"frozen when {tag} was promoted: its own generations of the {cfg.reference_hours:g} h before", tag)
+    if promoted <= end and len(_own(store, tag, before.since, before.until, need)) >= need:
+        return ReferenceChoice(before if held is not None else _freeze(store, tag, before, end), None, tag)
+    first = _own(store, tag, promoted, end, need) if promoted <= end else []
+    if len(first) < need:
+        wait = (f"the champion {tag} has served {len(first)} generation(s) since its promotion at {iso(promoted)}; "
+                f"its reference window holds only its own traffic and needs {need}: wait for {need - len(first)} "
+                "more")
+        return ReferenceChoice(None, wait, tag)
     after = Window(promoted, first[-1] + dt.timedelta(microseconds=1),
-                   f"frozen from {tag}'s first {cfg.min_generations} generations after its promotion")
-    return _freeze(store, tag, after, end)
+                   f"frozen from {tag}'s first {need} generations after its promotion", tag)
+    if held is not None:  # frozen by the earlier rule (traffic before the promotion): this one is deterministic
+        return ReferenceChoice(after, None, tag)
+    return ReferenceChoice(_freeze(store, tag, after, end), None, tag)
+
+
+def reference_window(store: "Store", cfg: "MonitorConfig", now: Optional[dt.datetime] = None,
+                     explicit: Optional[Window] = None) -> Optional[Window]:
+    """``choose_reference``'s window alone. None: no champion, or not enough of its own traffic yet."""
+    return choose_reference(store, cfg, now, explicit).window
+
+
+def champion_current(current: Window, choice: ReferenceChoice) -> Window:
+    """The current window of the champion: only the generations it served (the old champion's, still in the last
+    ``current_hours`` after a promotion, are not its traffic)."""
+    if choice.champion is None:
+        return current
+    return Window(current.since, current.until, f"{current.how}, {choice.champion}'s generations", choice.champion)

@@ -239,14 +239,19 @@ def _promote(tag: str, when: dt.datetime) -> None:
 
 
 def test_reference_freezes_before_promotion_and_never_moves(workspace: Path) -> None:
+    """Before its promotion, only the champion's own generations count (a version that served before: a rollback):
+    another version's traffic there is not its reference (issue 18)."""
     store = Store()
     cfg = _cfg(reference_hours=24)
     assert reference_window(store, cfg, now=NOW) is None  # no champion at all
-    _fill(store, NOW - 3 * DAY, seed=1, n=40)
+    _fill(store, NOW - 3 * DAY, seed=1, n=40, version="sdloop:zzz")  # another version's: never bbb's reference
     promoted = NOW - 2 * DAY
     _promote("sdloop:bbb", promoted)
+    assert reference_window(store, cfg, now=NOW) is None
+    _fill(store, NOW - 3 * DAY, seed=7, n=40, version="sdloop:bbb")  # bbb served that day too
     ref = reference_window(store, cfg, now=NOW)
     assert (ref.since, ref.until) == (promoted - DAY, promoted) and "sdloop:bbb was promoted" in ref.how
+    assert ref.model_version == "sdloop:bbb"
     _fill(store, NOW - 2 * DAY, seed=2, n=40, version="sdloop:bbb")  # more traffic, later
     later = reference_window(store, cfg.__class__.from_dict({**cfg.to_dict(), "reference_hours": 48}),
                              now=NOW + 5 * DAY)
@@ -287,12 +292,13 @@ def test_reference_falls_back_to_champions_first_generations(workspace: Path) ->
 
 def test_postgresql_report_and_frozen_window(postgres_db: str, workspace: Path) -> None:
     store = Store(postgres_db)
-    _fill(store, NOW - 3 * DAY, seed=1)
+    _fill(store, NOW - 4 * DAY, seed=1)                                  # the previous champion's: not a reference
+    _promote("sdloop:eee", NOW - 3 * DAY)
+    _fill(store, NOW - 3 * DAY, seed=2, version="sdloop:eee")
     _fill(store, NOW - 2 * DAY, seed=5, ratings=(1, 2), down=0.8, version="sdloop:eee")
-    _promote("sdloop:eee", NOW - 2 * DAY)
     cfg = _cfg()
     rep = build_report(store, cfg, since=NOW - 2 * DAY, until=NOW - DAY, now=NOW, workspace=False)
-    assert rep.reference is not None and rep.reference.until == NOW - 2 * DAY
+    assert rep.reference is not None and rep.reference.since == NOW - 3 * DAY < rep.reference.until < NOW - 2 * DAY
     assert rep.enough_data and len(rep.feedback_reasons()) == 3 and rep.drift_reasons() == []
     assert reference_window(store, cfg, now=NOW + DAY) == rep.reference
     store.close()
