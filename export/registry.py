@@ -51,21 +51,67 @@ class Version:
     damaged: Optional[str] = None
 
     def key_metrics(self) -> str:
+        """Quality, parity and latency in one line, each labelled for what it is (``sdloop models list --json``)."""
+        parts = [f"quality: {self.quality_text()}" if self.quality_text() else "",
+                 f"parity vs PyTorch fp32: {self.parity_text()}" if self.parity_text() else "",
+                 f"latency: {self.latency_text()}" if self.latency_text() else ""]
+        return "; ".join(p for p in parts if p)
+
+    def quality_text(self) -> str:
+        """What the run scored: its best validation loss and its evaluation's metrics (how well it draws)."""
         md, parts = self.metadata, []
-        parity = md.get("parity") or {}
-        if isinstance(parity.get("kid"), (int, float)):
-            parts.append(f"KID {parity['kid']:.4f}")
-        if isinstance(parity.get("psnr"), (int, float)):
-            parts.append(f"PSNR {parity['psnr']:.1f} dB")
-        lat = md.get("latency") or {}
-        if isinstance(lat.get("export_s"), (int, float)):
-            parts.append(f"{lat['export_s']:.3f} s/img ({lat.get('speedup') or 0:.2f}x)")
         if isinstance(md.get("best_val_loss"), (int, float)):
             parts.append(f"val loss {md['best_val_loss']:.4f}")
         for k, v in ((md.get("evaluation") or {}).get("metrics") or {}).items():
-            if isinstance(v, (int, float)):
-                parts.append(f"{k} {v:.4g}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"eval {k} {v:.4g}")
         return ", ".join(parts)
+
+    def parity_text(self) -> str:
+        """How closely the export draws what the fused fp32 PyTorch pipeline draws (not a quality score: an int8
+        KID here is int8 against fp32 on the same prompts and seeds, around 0 by construction)."""
+        parity, parts = self.metadata.get("parity") or {}, []
+        if isinstance(parity.get("psnr"), (int, float)):
+            parts.append(f"PSNR {parity['psnr']:.1f} dB")
+        if isinstance(parity.get("max_pixel_difference"), (int, float)):
+            parts.append(f"max diff {parity['max_pixel_difference']:.3g}/255")
+        if isinstance(parity.get("kid"), (int, float)):
+            parts.append(f"KID {parity['kid']:.4f}")
+        return ", ".join(parts)
+
+    def latency_runs(self) -> Optional[int]:
+        """Timed images behind each of the export's latency medians: the recorded count, else what the export's
+        config implies (every check image, topped up to ``latency_images``)."""
+        lat, md = self.metadata.get("latency") or {}, self.metadata
+        for key in ("runs", "repeats", "images"):
+            if isinstance(lat.get(key), int) and not isinstance(lat.get(key), bool):
+                return lat[key]
+        cfg, checks = md.get("config") or {}, md.get("checks") or {}
+        cases = len(checks.get("prompts") or []) * len(checks.get("seeds") or [])
+        extra = (md.get("parity") or {}).get("kid_images") or 0
+        if not cases and not isinstance(cfg.get("latency_images"), int):
+            return None
+        return max(int(cfg.get("latency_images") or 1), cases, int(extra))
+
+    def latency_text(self) -> str:
+        """Seconds per image of the export, and its speed-up over PyTorch said as it was measured: a paired
+        figure (both timed back to back, several repeats, with its interval) when the export recorded one; else the
+        two medians timed minutes apart, marked unpaired and noisy (load between them shows up as a speed-up)."""
+        lat = self.metadata.get("latency") or {}
+        export_s = lat.get("export_s")
+        if not isinstance(export_s, (int, float)):
+            return ""
+        runs = self.latency_runs()
+        text = f"{export_s:.3f} s/img" + (f" (median of {runs})" if runs and runs > 1 else " (1 run)" if runs else "")
+        paired = lat.get("paired") if isinstance(lat.get("paired"), dict) else {}
+        ratio, low, high = (paired.get(k) for k in ("speedup", "low", "high"))
+        if all(isinstance(v, (int, float)) for v in (ratio, low, high)):
+            n = paired.get("repeats")
+            return text + f", {ratio:.2f}x vs PyTorch (95% {low:.2f}-{high:.2f}x, {n} paired runs)"
+        if isinstance(lat.get("speedup"), (int, float)):
+            each = f"{runs} run{'s' if runs != 1 else ''}" + (" each" if runs != 1 else "") if runs else "?"
+            text += f", {lat['speedup']:.1f}x vs PyTorch ({each}, unpaired, noisy)"
+        return text
 
 
 def check_name(name: str) -> str:

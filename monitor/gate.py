@@ -2,8 +2,10 @@
 
 Two halves, because they are known at different times: the quality half (KID from the evaluation stage's paired
 comparison, and the validation loss) right after the comparison, so a worse challenger is rejected before an export
-is spent on it; the export half (parity, latency) after the export. A check whose figures are missing is reported
-as skipped, never silently passed as a number it does not have; a failed check names both figures and the margin.
+is spent on it; the export half (parity, latency) after the export, latency as measured in back-to-back pairs
+(``monitor.gate_latency``: a difference inside the noise is no difference). A check whose figures are missing is
+reported as skipped, never silently passed as a number it does not have; a failed check names both figures and the
+margin.
 """
 
 from __future__ import annotations
@@ -112,9 +114,18 @@ def parity_check(challenger_md: dict[str, Any]) -> GateCheck:
                                       "the trained one draws", parity)
 
 
-def latency_check(champion_md: dict[str, Any], challenger_md: dict[str, Any], cfg: MonitorConfig) -> GateCheck:
-    """Seconds per image of the exported pipeline, both measured by the export stage on the machine that exported.
-    Budget: ``latency_budget_s``, or the champion's times ``1 + latency_margin``."""
+def latency_check(champion_md: dict[str, Any], challenger_md: dict[str, Any], cfg: MonitorConfig,
+                  paired: Optional[dict[str, Any]] = None) -> GateCheck:
+    """Seconds per image of the exported pipeline: not slower than the champion's times ``1 + latency_margin`` (or
+    than ``latency_budget_s`` when it is set), beyond the measured noise.
+
+    ``paired``: ``monitor.gate_latency.PairedLatency.to_dict()``, both exports timed here in back-to-back pairs.
+    Then the 95% intervals decide: the check fails only when the whole interval is over the limit (slower beyond
+    noise), and a ratio whose interval includes 1 is reported as no latency difference, whichever way its point
+    estimate leans. Without it (the champion could not be loaded) only the figures each export recorded are left,
+    timed apart under unknown load: their point estimates decide, and the line says they are unpaired."""
+    if paired and paired.get("paired"):
+        return _paired_latency_check(paired, cfg)
     b = _num((challenger_md.get("latency") or {}).get("export_s"))
     if b is None:
         return GateCheck("latency", None, "the challenger's export recorded no latency")
@@ -127,7 +138,37 @@ def latency_check(champion_md: dict[str, Any], challenger_md: dict[str, Any], cf
         budget, why = a * (1 + cfg.latency_margin), f"the champion's {a:.3f} s x {1 + cfg.latency_margin:g}"
     ok = b <= budget
     return GateCheck("latency", ok, f"challenger {b:.3f} s/image {'within' if ok else 'over'} {budget:.3f} s "
-                                    f"({why})", {"challenger": b, "budget": budget})
+                                    f"({why}; unpaired figures the exports recorded, timed apart: noise unknown)",
+                     {"challenger": b, "budget": budget, "paired": False})
+
+
+def _paired_latency_check(m: dict[str, Any], cfg: MonitorConfig) -> GateCheck:
+    n = m.get("repeats")
+    how = f"{n} paired runs at {m.get('size')} px, {m.get('steps')} steps"
+    values = {k: m.get(k) for k in ("ratio", "ratio_low", "ratio_high", "challenger", "challenger_low",
+                                    "challenger_high", "champion", "repeats", "champion_s", "challenger_s")}
+    if cfg.latency_budget_s > 0:
+        budget = cfg.latency_budget_s
+        c, low, high = m["challenger"], m["challenger_low"], m["challenger_high"]
+        ok = not low > budget
+        verb = ("within" if high <= budget else "within noise of (its interval includes)" if ok
+                else "over, beyond noise,")
+        return GateCheck("latency", ok, f"challenger {c:.3f} s/image (95% {low:.3f}-{high:.3f} s, {how}) {verb} the "
+                                        f"budget latency_budget_s {budget:.3f} s",
+                         {**values, "budget": budget, "paired": True})
+    limit = 1 + cfg.latency_margin
+    r, low, high = m["ratio"], m["ratio_low"], m["ratio_high"]
+    ok = not low > limit
+    if high < 1:
+        verb = "faster than the champion beyond noise"
+    elif low <= 1:
+        verb = "no latency difference (the interval includes 1)"
+    elif ok:
+        verb = f"slower than the champion beyond noise, not beyond x{limit:g} (latency_margin)"
+    else:
+        verb = f"slower than the champion x{limit:g} (latency_margin) beyond noise"
+    return GateCheck("latency", ok, f"challenger/champion time {r:.2f}x (95% {low:.2f}-{high:.2f}x, {how}): {verb}",
+                     {**values, "limit": limit, "paired": True})
 
 
 def quality_gate(comparison: dict[str, Any], val: tuple[Optional[float], Optional[float], bool],
@@ -147,6 +188,8 @@ def quality_gate(comparison: dict[str, Any], val: tuple[Optional[float], Optiona
     return GateResult(checks)
 
 
-def export_gate(champion_md: dict[str, Any], challenger_md: dict[str, Any], cfg: MonitorConfig) -> GateResult:
-    """The half known after the export: parity and latency from both versions' metadata in the model store."""
-    return GateResult((parity_check(challenger_md), latency_check(champion_md, challenger_md, cfg)))
+def export_gate(champion_md: dict[str, Any], challenger_md: dict[str, Any], cfg: MonitorConfig,
+                paired: Optional[dict[str, Any]] = None) -> GateResult:
+    """The half known after the export: parity from the challenger's metadata, latency from both exports timed in
+    pairs (``paired``, see ``monitor.gate_latency``), else from the figures their exports recorded."""
+    return GateResult((parity_check(challenger_md), latency_check(champion_md, challenger_md, cfg, paired)))

@@ -169,11 +169,13 @@ def _phases(c: _Ctx) -> RetrainOutcome:
         done.challenger = tag
         c.log.update(c.rid, challenger=tag)
         d.update(summary=f"candidate {tag}", tag=tag)
-    c.say("[6/6] gate: parity and latency, then promote or reject")
+    c.say("[6/6] gate: parity, and latency timed in pairs against the champion, then promote or reject")
     with c.log.step(c.rid, "gate") as d:
-        gate = export_gate(c.champion.metadata, show(tag).metadata, c.cfg)
+        challenger = show(tag)
+        paired = _paired_latency(c, challenger.path)
+        gate = export_gate(c.champion.metadata, challenger.metadata, c.cfg, paired=paired)
         done.gates.append(gate)
-        d.update(summary="; ".join(gate.lines()), gate=gate.to_dict())
+        d.update(summary="; ".join(gate.lines()), gate=gate.to_dict(), latency=paired)
     if not gate.passed:
         return _finish(c, done, gate.reasons)
     from sdloop.champion import current_champion_tag
@@ -191,6 +193,19 @@ def _phases(c: _Ctx) -> RetrainOutcome:
         d.update(summary=f"{tag} is the champion (was {event['previous']})")
     done.status = "promoted"
     return _finish(c, done, [f"{tag} passed the gate and is the champion; the service loads it at its next poll"])
+
+
+def _paired_latency(c: _Ctx, challenger_dir: Path) -> Optional[dict[str, Any]]:
+    """Both exports timed here in back-to-back pairs (``monitor.gate_latency``); None, said in one line, when the
+    champion's export cannot be loaded here (the gate then falls back to the figures the exports recorded)."""
+    from monitor.gate_latency import measure_paired
+
+    try:
+        return measure_paired(Path(c.champion.path), challenger_dir, say=c.say).to_dict()
+    except (UserError, OSError) as e:
+        c.say(f"      latency: not timed in pairs ({one_line(e)}); the gate compares the figures the exports "
+              "recorded")
+        return None
 
 
 def _finish(c: _Ctx, outcome: RetrainOutcome, reasons: list[str]) -> RetrainOutcome:

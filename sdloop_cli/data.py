@@ -104,6 +104,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def pretrain_default(name: str) -> Any:
+    """A PretrainConfig default, as `sdloop base pretrain --help` shows it (one source: the config)."""
+    import dataclasses
+
+    from finetune.pretraining.pretrain import PretrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(PretrainConfig)}[name]
+
+
 def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     """Add this module's commands to the top-level subparsers."""
     p_base = sub.add_parser("base", help="base models (make the tiny offline base)")
@@ -114,23 +123,30 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=("drawing", "random"), default=None,
                    help="drawing (default): the shipped base pretrained on synthetic shapes; random: random weights "
                    "(fastest for tests)")
-    p.add_argument("--seed", type=int, default=None, help="seed of random weights (implies --weights random)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of random weights (implies --weights random; default: none, the drawing weights)")
     p.add_argument("--overwrite", action="store_true", help="replace a base sdloop wrote earlier (never other "
                    "folders)")
     p.set_defaults(func=cmd_base_tiny)
     p = base_sub.add_parser("pretrain", help="pretrain the tiny base on synthetic shapes (VAE, then UNet), "
                             "resumable")
     p.add_argument("out_dir", help="folder to write (a diffusers pipeline, with pretrain/ records beside it)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the data, weights and every draw (default 0)")
-    p.add_argument("--minutes", type=float, default=None, help="time budget of both phases (default 25)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the data, weights and every draw (default {pretrain_default('seed')})")
+    p.add_argument("--minutes", type=float, default=None,
+                   help=f"time budget of both phases in minutes (default {pretrain_default('minutes'):g})")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: from --minutes)")
     p.add_argument("--unet-steps", type=int, default=None, help="UNet steps (default: from --minutes)")
-    p.add_argument("--images", type=int, default=None, help="synthetic training images (default 4096)")
+    p.add_argument("--images", type=int, default=None,
+                   help=f"synthetic training images (default {pretrain_default('images')})")
     p.add_argument("--vae-downsamplings", type=int, choices=(2, 3), default=None,
-                   help="2: 16x16 latents at 64 px; 3: 8x8 (default: see finetune/pretraining/pretrain.py)")
-    p.add_argument("--noise-offset", type=float, default=None, help="offset noise of the UNet phase (default 0.1)")
+                   help=f"2: 16x16 latents at 64 px; 3: 8x8 (default {pretrain_default('vae_downsamplings')})")
+    p.add_argument("--noise-offset", type=float, default=None,
+                   help=f"offset noise of the UNet phase (default {pretrain_default('noise_offset')})")
     p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default {pretrain_default('threads')}: on a shared machine a second "
+                   "thread that waits for a busy core made steps several times slower)")
     p.add_argument("--resume", action="store_true", help="continue the pretraining in OUT_DIR from its last "
                    "checkpoint, with its recorded settings (step totals given here replace the recorded ones); "
                    "with no checkpoint yet it says so and starts over")
@@ -143,7 +159,8 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p = data_sub.add_parser("check", help="check, clean and de-duplicate a dataset; print a summary, write a report")
     p.add_argument("data_dir", help="dataset folder")
     p.add_argument("--json", help="where to write the JSON report (default: $SDLOOP_HOME/reports/)")
-    p.add_argument("--config", help="a train YAML whose data_config section to use")
+    p.add_argument("--config", help="a train YAML whose data_config section to use (default: none, DataConfig's "
+                   "defaults)")
     p.add_argument("--caption-column", help="caption column of metadata.jsonl (default: text)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="set a data config key, e.g. --set near_duplicate_distance=6")

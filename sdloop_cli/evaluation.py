@@ -69,9 +69,19 @@ def cmd_review_summary(args: argparse.Namespace) -> int:
     """Print the review's win rate, counts and sign test (``--json`` for the numbers as JSON)."""
     from finetune.evaluation.review_summary import summarize
 
-    summary = summarize(args.second)
+    summary = summarize(getattr(args, "review_dir", None) or args.second)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else "\n".join(summary.lines()))
     return 0
+
+
+def summary_parser() -> argparse.ArgumentParser:
+    """`sdloop review summary`'s own parser, so its --help shows its own usage (``sdloop_cli.main`` routes to it)."""
+    p = argparse.ArgumentParser(prog="sdloop review summary",
+                                description="the blind review's result: win rate, counts and a sign test")
+    p.add_argument("review_dir", metavar="DIR", help="a review folder (`sdloop review` prints it)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=cmd_review_summary)
+    return p
 
 
 def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
@@ -83,10 +93,12 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="images per model (default: 16, a whole number per prompt)")
     p.add_argument("--reference", help="folder of reference images (default: the validation split's images)")
     p.add_argument("--features", help="TorchScript feature extractor (float RGB 299x299 in [0,1] -> [N, d]) "
-                   "instead of the FID Inception")
-    p.add_argument("--clip", help="CLIP weights for the CLIP score: a local CLIPModel folder or a hub id")
+                   "instead of the FID Inception (default: the FID Inception)")
+    p.add_argument("--clip", help="CLIP weights for the CLIP score: a local CLIPModel folder or a hub id "
+                   "(default: none, no CLIP score)")
     p.add_argument("--is-classifier", dest="is_classifier",
-                   help="TorchScript classifier for the Inception Score (float RGB 299x299 in [0,1] -> logits)")
+                   help="TorchScript classifier for the Inception Score (float RGB 299x299 in [0,1] -> logits; "
+                   "default: none, no Inception Score)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (the base's scheduler)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the image seeds and the bootstrap")

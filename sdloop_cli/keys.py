@@ -95,7 +95,8 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="a unique name: a letter, then letters, digits or _.@-")
     p.add_argument("--scope", action="append", metavar="SCOPE",
                    help="what the key may do, repeatable: generate, feedback, rater, admin (generate: make "
-                        "images; feedback: rate its own generations; rater: rate any generation; admin: everything)")
+                        "images; feedback: rate its own generations; rater: rate any generation; admin: everything); "
+                        "no default: at least one is needed")
     p.add_argument("--rate-limit", dest="rate_limit", metavar="N/min",
                    help="requests per minute the service allows this key (default: the service's limit)")
     p.set_defaults(func=cmd_keys_create)

@@ -2,7 +2,9 @@
 errors into one clear line and an exit code; the work itself lives in the stage packages.
 
 The commands live beside this module by what they drive (``data``, ``train``, ``evaluation``, ``models``, ``monitor``,
-``keys``, ``demo``); this package is the only one that imports the stages, and no other package imports it.
+``retrain``, ``keys``, ``demo``); this package is the only one that imports the stages, and no other package imports
+it. Two-word actions with options of their own (``review summary``, ``retrain history``) have their own parsers
+(``TWO_WORD``), so their --help is theirs; every option that has a default value says it in --help.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from sdloop_cli import data, demo, evaluation, keys, models, monitor, train
+from sdloop_cli import data, demo, evaluation, keys, models, monitor, retrain, train
 from sdloop_cli.train import build_train_config  # noqa: F401 - re-exported: part of the CLI API
 from sdloop.errors import UserError, one_line
 
@@ -28,19 +30,71 @@ def build_parser() -> argparse.ArgumentParser:
         "From a folder of images to a fine-tuned Stable Diffusion model in production: check data, train, search, "
         "evaluate, export, serve, monitor and retrain. Every command works offline on local diffusers folders."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (data, train, evaluation, models, monitor, keys, demo):
+    for module in (data, train, evaluation, models):
         module.add_parsers(sub, parser)
+    monitor.add_parsers(_Without(sub, "retrain"), parser)  # `retrain` is sdloop_cli.retrain's (added next)
+    for module in (retrain, keys, demo):
+        module.add_parsers(sub, parser)
+    _show_defaults(parser)
     return parser
+
+
+class _Without:
+    """The subparsers minus some names: ``sdloop_cli.monitor`` still adds a `retrain` of its own, which
+    ``sdloop_cli.retrain`` now owns; this drops that one (a parser that nothing reaches)."""
+
+    def __init__(self, sub: Any, *names: str) -> None:
+        self._sub, self._names = sub, set(names)
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if name in self._names:
+            return argparse.ArgumentParser(prog=f"sdloop {name} (unused)", add_help=False)
+        return self._sub.add_parser(name, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sub, name)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option whose default is a value says it in --help: '(default X)' is added where the text does not
+    already name a default. Options that default to None or False say theirs in their own words (or have none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _show_defaults(sub)
+            continue
+        default = action.default
+        if (isinstance(action, argparse._AppendAction) and default is None and action.help
+                and "default" not in action.help):
+            action.help += " (default: none)" if "repeatable" in action.help else " (repeatable; default: none)"
+            continue
+        if (not action.option_strings or action.help in (None, argparse.SUPPRESS) or default is None
+                or isinstance(default, bool) or default == argparse.SUPPRESS or "default" in action.help):
+            continue
+        action.help += f" (default {default})".replace("%", "%%")
+
+
+# two-word commands whose second word is an action with options of its own: parsed by their own parser, so
+# `sdloop review summary --help` shows that action's usage, not its parent's
+TWO_WORD: dict[tuple[str, str], Callable[[], argparse.ArgumentParser]] = {
+    ("review", "summary"): evaluation.summary_parser,
+    ("retrain", "history"): retrain.history_parser,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _env_defaults()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own = TWO_WORD.get(tuple(argv[:2]))  # type: ignore[call-overload]
+    if own is not None:
+        args = own().parse_args(argv[2:])
+        args.command = argv[0]
+    else:
+        args = build_parser().parse_args(argv)
     func: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "func", None)
     if func is None:  # `sdloop`, `sdloop base`, `sdloop data` without an action: that level's help, exit 2
         groups: dict[str, argparse.ArgumentParser] = getattr(args, "group_parsers", {})
-        (groups.get(args.command) or parser).print_help(sys.stderr)
+        (groups.get(args.command) or build_parser()).print_help(sys.stderr)
         return 2
     try:
         return func(args)
@@ -50,6 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         again = {"tune": "the next `sdloop tune` with the same --output retries the interrupted trial from its "
                          "last checkpoint", "train": "continue the run from its last checkpoint with --resume"}
+        if args.command == "base" and getattr(args, "base_command", None) == "pretrain":
+            again["base"] = (f"`sdloop base pretrain {args.out_dir} --resume` continues from its last checkpoint "
+                             "with the same step totals (before the first one it says so and starts over)")
         print(f"\ninterrupted; {again.get(args.command, 'nothing was left half-written')}.", file=sys.stderr)
         return 130
 

@@ -70,30 +70,82 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    """Every version, one row each: quality (what the run scored), parity (how closely the export draws what fp32
+    PyTorch draws: not a quality score) and latency (with how it was measured) in their own columns."""
     from export.registry import list_versions
 
     versions = list_versions(args.name)
     if args.json:
         print(json.dumps([{"tag": v.tag, "stage": v.stage, "created": v.created, "labels": v.labels,
-                           "key_metrics": v.key_metrics(), "damaged": v.damaged} for v in versions], indent=2))
+                           "key_metrics": v.key_metrics(), "quality": v.quality_text(),
+                           "parity_vs_pytorch_fp32": v.parity_text(), "latency": v.latency_text(),
+                           "damaged": v.damaged} for v in versions], indent=2))
         return 0
     if not versions:
         print(f"no versions of model {args.name!r} yet; publish one with `sdloop models publish EXPORT_DIR`.")
         return 0
-    print(f"{'TAG':32s} {'STAGE':9s} {'SOURCE RUN':24s} {'TARGET':14s} {'PUBLISHED (UTC)':19s}  KEY METRICS")
+    rows = [("TAG", "STAGE", "SOURCE RUN", "TARGET", "PUBLISHED (UTC)", "QUALITY", "PARITY VS PYTORCH FP32",
+             "LATENCY")]
     for v in versions:
         target = f"{v.labels.get('target', '?')}/{v.labels.get('precision', '?')}"
-        note = f"damaged: {v.damaged}" if v.damaged else v.key_metrics()
-        print(f"{v.tag:32s} {v.stage:9s} {v.labels.get('source_run', '?')[:24]:24s} {target:14s} {v.created:19s}  "
-              f"{note}")
+        tail = ((f"damaged: {v.damaged}", "", "") if v.damaged else
+                (v.quality_text() or "-", v.parity_text() or "-", v.latency_text() or "-"))
+        rows.append((v.tag, v.stage, v.labels.get("source_run", "?")[:28], target, v.created) + tail)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     return 0
 
 
+def _summary(v: Any, events: list[dict[str, Any]], state: dict[str, Any]) -> list[str]:
+    """``sdloop models show TAG``: the dozen lines a person needs to decide about a version."""
+    md = v.metadata
+    rt = md.get("runtime") or {}
+    providers = ", ".join(p[0] if isinstance(p, list) and p else str(p) for p in rt.get("providers") or []) or "?"
+    lim = md.get("limits") or {}
+    run = md.get("source_run") or {}
+    lat = md.get("latency") or {}
+    parity = md.get("parity") or {}
+    lines = [f"{v.tag}",
+             f"  stage:        {v.stage}",
+             f"  published:    {v.created} UTC (export made {md.get('created', '?')})",
+             f"  source run:   {run.get('name') or v.labels.get('source_run', '?')} ({run.get('path', '?')})",
+             f"  runtime:      {md.get('target', v.labels.get('target', '?'))}/"
+             f"{md.get('precision', v.labels.get('precision', '?'))}, {providers}, "
+             f"{rt.get('intra_op_num_threads', '?')} intra-op thread(s)",
+             f"  native size:  {md.get('native_width', '?')}x{md.get('native_height', '?')}",
+             f"  limits:       sides {lim.get('min_side', '?')}-{lim.get('max_side', '?')} px, multiples of "
+             f"{lim.get('side_multiple', '?')}; prompts up to {lim.get('max_tokens', '?')} tokens",
+             f"  quality:      {v.quality_text() or 'no validation loss or evaluation recorded'}",
+             f"  parity:       vs PyTorch fp32 on {parity.get('images', '?')} image(s): {v.parity_text() or '?'}: "
+             f"{'passed' if parity.get('passed') else 'NOT passed'} (not a quality score)"]
+    if lat:
+        lines.append(f"  latency:      {v.latency_text() or '?'}; {lat.get('size', '?')} px, {lat.get('steps', '?')} "
+                     f"steps, {lat.get('threads', '?')} thread(s), timed by the export where it ran")
+    else:
+        lines.append("  latency:      not recorded")
+    champ = state.get("champion")
+    since = [e for e in events if e.get("tag") == v.tag]
+    if v.stage == "champion":
+        when = since[-1].get("when", "?") if since else "?"
+        lines.append(f"  champion:     yes, since {when} ({since[-1].get('reason', '') if since else ''})")
+    else:
+        lines.append(f"  champion:     no (the champion is {champ or 'none yet'}; "
+                     f"{len(since)} earlier promotion(s) of this version)")
+    lines.append(f"  damaged:      {'yes: ' + v.damaged if v.damaged else 'no (its files verify)'}")
+    lines.append(f"  folder:       {v.path}")
+    lines.append(f"  everything:   sdloop models show {v.tag} --json")
+    return lines
+
+
 def cmd_models_show(args: argparse.Namespace) -> int:
-    from export.registry import history, show
+    from export.registry import history, read_state, show
 
     v = show(args.tag, args.name)
     events = [e for e in history(args.name) if v.tag in (e.get("tag"), e.get("previous"))]
+    if not args.json:
+        print("\n".join(_summary(v, events, read_state(args.name))))
+        return 0
     print(json.dumps({"tag": v.tag, "stage": v.stage, "created": v.created, "path": str(v.path),
                       "damaged": v.damaged, "labels": v.labels, "metadata": v.metadata,
                       "champion_history": events}, indent=2))
@@ -217,7 +269,8 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     for action, func, text in (
             ("publish", cmd_models_publish, "save an export folder as a new version (labels/metadata: its manifest)"),
             ("list", cmd_models_list, "every version with its stage, source run, key metrics and date"),
-            ("show", cmd_models_show, "one version's labels, metadata, folder and champion history"),
+            ("show", cmd_models_show, "one version in a dozen lines: run, runtime, size, limits, parity, "
+             "latency, champion, damaged (--json: everything)"),
             ("promote", cmd_models_promote, "make a version the champion (the service serves it) after its "
              "smoke test"),
             ("rollback", cmd_models_rollback, "make the previous champion the champion again, after its smoke test"),
@@ -229,12 +282,13 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
         if action in ("show", "promote"):
             p.add_argument("tag", metavar="TAG", help="NAME:VERSION or VERSION, as `sdloop models list` shows")
         if action in ("promote", "rollback"):
-            p.add_argument("--reason", help="why (kept in the history)")
+            p.add_argument("--reason", help="why (kept in the history; default: 'promoted' / 'rolled back')")
         if action == "prune":
             p.add_argument("--keep", type=int, required=True, help="newest versions to keep (plus the champion "
                            "and the one a rollback returns to)")
-        if action == "list":
-            p.add_argument("--json", action="store_true", help="print JSON")
+        if action in ("list", "show"):
+            p.add_argument("--json", action="store_true", help="print JSON" + (" (everything: labels, metadata, "
+                           "champion history)" if action == "show" else ""))
         p.add_argument("--name", default="sdloop", help="model name in the store (default sdloop)")
         p.set_defaults(func=func)
 
@@ -249,7 +303,8 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
                    help="onnxruntime/torch intra-op threads per worker (default: the export's own, from its "
                    "manifest; pytorch backend: cores / workers)")
     p.add_argument("--backend", choices=("onnx", "pytorch"), default=None,
-                   help="onnx: the exported onnxruntime pipeline; pytorch: the source run's pipeline (fallback)")
+                   help="onnx: the exported onnxruntime pipeline; pytorch: the source run's pipeline (fallback) "
+                   "(default: $SDLOOP_BACKEND, else onnx)")
     p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
                    help="serve a non-loopback --host without API keys (SDLOOP_AUTH=off) anyway")
     p.set_defaults(func=cmd_serve)

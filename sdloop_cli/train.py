@@ -100,16 +100,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--base", required=False, help="base pipeline: a diffusers folder or a hub id")
-    p.add_argument("--data", required=False, help="dataset folder (imagefolder + metadata.jsonl, or .txt captions)")
-    p.add_argument("--output", required=False, help="the folder to write")
-    p.add_argument("--config", help="a YAML file of TrainConfig keys (see --help-config)")
-    for flag, field, typ, text in TRAIN_FLAGS:
-        p.add_argument(flag, dest=field, type=typ, default=None, help=text)
+    p.add_argument("--base", required=False,
+                   help="base pipeline: a diffusers folder or a hub id (default: the --config file's)")
+    p.add_argument("--data", required=False, help="dataset folder (imagefolder + metadata.jsonl, or .txt captions; "
+                   "default: the --config file's)")
+    p.add_argument("--output", required=False, help="the folder to write (default: the --config file's)")
+    p.add_argument("--config", help="a YAML file of TrainConfig keys (see --help-config; default: none, the flags "
+                   "and TrainConfig's defaults)")
+    import dataclasses
+
+    from finetune.training.config import DataConfig, TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for flag, field, typ, text in TRAIN_FLAGS:  # None: the config file's value, else TrainConfig's default (shown)
+        p.add_argument(flag, dest=field, type=typ, default=None, help=f"{text} (default {defaults[field]})")
+    split = {f.name: f.default for f in dataclasses.fields(DataConfig)}["validation_split"]
     p.add_argument("--validation-split", dest="validation_split", type=float, default=None,
-                   help="fraction held out for validation")
+                   help=f"fraction held out for validation (default {split})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="set any config key, e.g. --set lora_dropout=0.1 --set augment.flip_p=0.5 (repeatable)")
+                   help="set any config key, e.g. --set lora_dropout=0.1 --set augment.flip_p=0.5 (repeatable; "
+                   "default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -175,6 +175,65 @@ def test_two_promotions_at_once_leave_one_champion_and_a_consistent_history(expo
     assert [v.stage for v in reg.list_versions()].count("champion") == 1
 
 
+def test_models_list_and_show_say_what_each_figure_is(export_dir: Path, store: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    """An int8 export's parity KID (int8 against fp32 PyTorch, around 0) is in the parity column, never where a
+    quality score goes; a speed-up from two medians timed apart is marked unpaired and noisy, with its run count;
+    `show` is a dozen readable lines, `show --json` everything."""
+    e = _copy(export_dir, tmp_path / "int8", "int8-run")
+    m = json.loads((e / "manifest.json").read_text())
+    m["precision"] = "int8"
+    m["parity"].update(kid=-0.026, kid_std=0.01, kid_images=1)
+    m["latency"].update(pytorch_s=1.87, export_s=0.1, speedup=18.7)
+    (e / "manifest.json").write_text(json.dumps(m))
+    tag, _ = reg.publish(e)
+    assert main(["models", "list"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    cols = {name: header.index(name) for name in ("QUALITY", "PARITY VS PYTORCH FP32", "LATENCY")}
+    quality = row[cols["QUALITY"]:cols["PARITY VS PYTORCH FP32"]]
+    parity = row[cols["PARITY VS PYTORCH FP32"]:cols["LATENCY"]]
+    latency = row[cols["LATENCY"]:]
+    assert "KID" not in quality and "val loss" in quality, row
+    assert "KID -0.0260" in parity and "PSNR" in parity, row
+    assert "18.7x vs PyTorch (1 run, unpaired, noisy)" in latency, row
+    assert main(["models", "show", tag]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 16, lines
+    text = "\n".join(lines)
+    for words in ("source run:   int8-run", "runtime:      cpu/int8, CPUExecutionProvider, 1 intra-op thread(s)",
+                  "native size:", "limits:", "parity:       vs PyTorch fp32", "(not a quality score)",
+                  "unpaired, noisy", "steps, 1 thread(s)", "champion:     no (the champion is none yet",
+                  "damaged:      no", f"sdloop models show {tag} --json"):
+        assert words in text, (words, text)
+    assert main(["models", "show", tag, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["parity"]["kid"] == -0.026
+
+
+def test_a_paired_latency_figure_is_shown_with_its_interval() -> None:
+    v = reg.Version("sdloop:x", "candidate", "?", {}, {"latency": {
+        "export_s": 0.1, "speedup": 18.7, "runs": 5,
+        "paired": {"speedup": 1.42, "low": 1.3, "high": 1.55, "repeats": 5}}}, Path())
+    assert v.latency_text() == "0.100 s/img (median of 5), 1.42x vs PyTorch (95% 1.30-1.55x, 5 paired runs)"
+    assert "18.7" not in v.key_metrics()
+
+
+def test_the_gate_times_two_exports_in_pairs(export_dir: Path, workspace: Path, tmp_path: Path) -> None:
+    """The retraining's latency gate loads both exports side by side and times them in alternating pairs: the same
+    graphs twice give a ratio whose interval holds 1, so the gate says there is no latency difference."""
+    from monitor.config import MonitorConfig
+    from monitor.gate import latency_check
+    from monitor.gate_latency import measure_paired
+
+    said: list[str] = []
+    paired = measure_paired(export_dir, _copy(export_dir, tmp_path / "same", "same"), repeats=3, steps=2,
+                            say=said.append).to_dict()
+    assert paired["repeats"] == 3 and len(paired["champion_s"]) == 3 and min(paired["challenger_s"]) > 0
+    assert paired["ratio_low"] <= paired["ratio"] <= paired["ratio_high"] and paired["size"] == 64
+    assert "3 back-to-back pairs" in said[0]
+    check = latency_check({}, {}, MonitorConfig(latency_margin=0.5), paired)
+    assert check.passed and "3 paired runs" in check.text, check.text
+
+
 def test_models_cli(export_dir: Path, store: Path, tmp_path: Path, capsys) -> None:
     e1 = _copy(export_dir, tmp_path / "e1", "first")
     e2 = _copy(export_dir, tmp_path / "e2", "second")
@@ -188,7 +247,7 @@ def test_models_cli(export_dir: Path, store: Path, tmp_path: Path, capsys) -> No
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert f"{t2}" in out and "champion" in out and "retired" in out and "second" in out
-    assert main(["models", "show", t1]) == 0
+    assert main(["models", "show", t1, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["stage"] == "retired" and shown["labels"]["source_run"] == "first"
     assert [e["action"] for e in shown["champion_history"]] == ["promote", "promote"]
@@ -391,7 +450,7 @@ def test_damaged_store_entries_never_traceback(export_dir: Path, store: Path, tm
     assert "damaged: BentoML cannot read" in rows[d] and "candidate" in rows[d]
     assert "damaged" not in rows[c] and "champion" in rows[c]
     for tag in (b, d):
-        assert main(["models", "show", tag]) == 0
+        assert main(["models", "show", tag, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["damaged"]
     _user_error(capsys, 1, ["models", "rollback"], b, "damaged", "champion is unchanged")
     assert reg.read_state()["champion"] == c
@@ -403,7 +462,7 @@ def test_damaged_store_entries_never_traceback(export_dir: Path, store: Path, tm
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert c in out and "damaged: its folder is gone from the store" in out
-    assert main(["models", "show", c]) == 0
+    assert main(["models", "show", c, "--json"]) == 0
     assert "folder is gone" in json.loads(capsys.readouterr().out)["damaged"]
     _user_error(capsys, 2, ["models", "promote", c], "no version")
     _user_error(capsys, 1, ["models", "rollback"], b, "damaged")
