@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,6 +161,12 @@ class _Plan:
         self.specs.append(spec)
 
 
+def histogram_bins(rows: int) -> int:
+    """Bins of the distribution histograms in Evidently's drift widgets: about the square root of the smaller
+    window's rows, 3 to 10 (Evidently's default of 10 leaves 16 rows one or two per bin, mostly empty)."""
+    return max(3, min(10, math.ceil(math.sqrt(max(rows, 1)))))
+
+
 def _varied(prompts: list[str]) -> bool:
     """Whether some word is missing from some prompt: the text drift's TF-IDF drops words every prompt has, and
     fails when none is left (e.g. one prompt repeated)."""
@@ -173,6 +180,7 @@ def _plan(cfg: "MonitorConfig", cur: WindowData, ref: Optional[WindowData], verd
     from evidently.tests import gte, lt, lte
 
     p = _Plan()
+    bins = histogram_bins(min(cur.generations, ref.generations if ref is not None else cur.generations))
     p.add(RowCount(tests=[gte(cfg.min_generations)]), name="current generations", group="volume",
           threshold=cfg.min_generations, fmt="{v:.0f} generations in the current window (at least {t:g} needed)")
     if verdict:
@@ -181,7 +189,8 @@ def _plan(cfg: "MonitorConfig", cur: WindowData, ref: Optional[WindowData], verd
                                             ("images", IMAGE_COLUMNS, cfg.image_drift_method,
                                              cfg.image_drift_threshold)):
             for col in columns:
-                p.add(ValueDrift(column=col, method=method_for(col, method), threshold=thr), name=f"{col} drift",
+                p.add(ValueDrift(column=col, method=method_for(col, method), threshold=thr, nbinsx=bins),
+                      name=f"{col} drift",
                       group=group, threshold=thr, decisive=False,
                       fmt=f"{col}: drift score {{v:.3g}} ({method}, threshold {{t:g}})")
             p.add(DriftedColumnsCount(columns=list(columns), per_column_method={c: method_for(c, method)
@@ -296,8 +305,47 @@ def _run_evidently(plan: _Plan, cur: WindowData, ref: Optional[WindowData], curr
                     metadata={"since": iso(current.since), "until": iso(current.until), "how": current.how})
     with warnings.catch_warnings():  # constant columns (no punctuation anywhere) make numpy warn in correlations
         warnings.simplefilter("ignore", RuntimeWarning)
-        return report.run(ds(cur), ds(ref) if ref is not None else None,
-                          timestamp=current.until.astimezone(dt.timezone.utc).replace(tzinfo=None))
+        snapshot = report.run(ds(cur), ds(ref) if ref is not None else None,
+                              timestamp=current.until.astimezone(dt.timezone.utc).replace(tzinfo=None))
+    whole_counts(snapshot)
+    return snapshot
+
+
+_THOUSANDTHS = re.compile(r"\b(\d+)\.000\b")
+
+
+def whole_counts(snapshot: Any) -> int:
+    """Write the row counts in Evidently's widgets as whole numbers: its renderer prints every single value with
+    three decimals ("Row count 16.000", "Actual value 16.000 >= 16.000"), and a count of generations has none.
+    Only widgets about row counts are touched (a drift score of 3.000 stays as Evidently wrote it). Returns how many
+    strings changed."""
+    changed = 0
+
+    def fix(text: Any) -> Any:
+        nonlocal changed
+        if isinstance(text, str) and _THOUSANDTHS.search(text):
+            changed += 1
+            return _THOUSANDTHS.sub(r"\1", text)
+        return text
+
+    def walk(widget: Any) -> None:
+        params = getattr(widget, "params", None)
+        title = str(getattr(widget, "title", "") or "")
+        if isinstance(params, dict):
+            if getattr(widget, "type", None) == "counter" and title.startswith("Row count"):
+                for counter in params.get("counters") or []:
+                    if isinstance(counter, dict):
+                        counter["value"] = fix(counter.get("value"))
+            for test in params.get("tests") or []:
+                if isinstance(test, dict) and str(test.get("title", "")).startswith("Row count"):
+                    test["title"], test["description"] = fix(test.get("title")), fix(test.get("description"))
+        for child in getattr(widget, "widgets", None) or []:
+            walk(child)
+
+    for widget in list(getattr(snapshot, "_widgets", None) or []) + list(getattr(snapshot, "_tests_widgets", None)
+                                                                         or []):
+        walk(widget)
+    return changed
 
 
 def build_report(store: "Store", cfg: "MonitorConfig", since: Optional[dt.datetime] = None,

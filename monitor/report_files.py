@@ -47,10 +47,12 @@ def prune_reports(keep: int) -> list[Path]:
 
 
 def add_to_workspace(snapshot: Any, name: Optional[str] = None, path: Optional[Path] = None) -> str:
-    """Add ``snapshot`` (as run ``name``) to the Evidently workspace (project "sdloop", created once); return the run
-    id. ``evidently ui --workspace <monitor_dir()/evidently>`` lists these runs."""
+    """Add ``snapshot`` (as run ``name``) to the Evidently workspace (project "sdloop", created once, with a dashboard
+    of the verdict's tests over time); return the run id. ``evidently ui --workspace <monitor_dir()/evidently>``
+    lists these runs and plots them."""
     from evidently.ui.workspace import Workspace
 
+    from monitor.dashboard import ensure_dashboard
     from sdloop.workspace import monitor_dir
 
     path = Path(path) if path is not None else monitor_dir() / "evidently"
@@ -60,6 +62,7 @@ def add_to_workspace(snapshot: Any, name: Optional[str] = None, path: Optional[P
         found = ws.search_project(PROJECT)
         project = found[0] if found else ws.create_project(
             PROJECT, description="sdloop monitoring: current window against the champion's reference")
+        ensure_dashboard(project)  # the UI's dashboard: the verdict's tests over time (monitor/dashboard.py)
         return str(ws.add_run(project.id, snapshot, name=name).id)
     except OSError as e:
         raise UserError(f"cannot write the Evidently workspace {path}: {e.strerror or e}; check the folder's "

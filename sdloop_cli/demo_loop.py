@@ -61,8 +61,9 @@ def _call(url: str, body: Optional[dict[str, Any]] = None, timeout: float = 120)
 
 
 @contextmanager
-def served(log: Path) -> Iterator[str]:
-    """`sdloop serve` on a free local port for the block; its output goes to ``log``."""
+def served(log: Path, progress: bool = False) -> Iterator[str]:
+    """`sdloop serve` on a free local port for the block; its output goes to ``log``. ``progress``: a line on stderr
+    counting the seconds until it answers /readyz (loading the model takes a while on a busy machine)."""
     port = _free_port()
     env = {**os.environ, "SDLOOP_POLL_S": "1", "BENTOML_DO_NOT_TRACK": "true"}
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -73,10 +74,13 @@ def served(log: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
-        while _call(url + "/readyz", timeout=5)[0] != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise UserError(f"the demo's server did not start; its log is {log}")
-            time.sleep(0.5)
+        with _bar(progress, desc="      starting the server", total=None, unit="poll",
+                  bar_format="{desc}: {elapsed}") as bar:
+            while _call(url + "/readyz", timeout=5)[0] != 200:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise UserError(f"the demo's server did not start; its log is {log}")
+                time.sleep(0.5)
+                bar.update()
         yield url
     finally:
         if proc.poll() is None:
@@ -98,7 +102,14 @@ def simulated_rating(image: Any, prompt: str) -> tuple[int, Optional[str]]:
     return (5, "up") if read.get("size") == asked.get("size") else (4, None)
 
 
-def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
+def _bar(enabled: bool, **kw: Any) -> Any:
+    """A tqdm bar on stderr that disappears when done (nothing when ``enabled`` is False), as the other stages'."""
+    from tqdm import tqdm
+
+    return tqdm(disable=not enabled, leave=False, file=sys.stderr, **kw)
+
+
+def wave(url: str, prompts: list[str], seed: int, client: str, bar: Any = None) -> list[int]:
     """One wave of users: generate each prompt over HTTP, rate it, post the feedback. Returns the ratings.
 
     Each image is rated by the user who asked for it and by a second user who sees it (the same eyes, another client
@@ -121,6 +132,8 @@ def wave(url: str, prompts: list[str], seed: int, client: str) -> list[int]:
             if code != 200:
                 raise UserError(f"the demo's server answered {code} to feedback: {str(body)[:200]}")
         ratings.append(rating)
+        if bar is not None:
+            bar.update()
     return ratings
 
 
@@ -139,21 +152,29 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
     cfg = MonitorConfig.from_dict({**demo_monitor_settings(steps or 40),
                                    "gate_prompts": eval_captions(8, 1, concept=concept)})
     log = monitor_dir() / "demo-server.log"
-    print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})")
-    with served(log) as url:
+    print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})", flush=True)
+    with served(log, progress=not quiet) as url:
         champion = current_champion_tag()
         code, info = _call(url + "/info", timeout=10)
         how = "" if code != 200 else (f" ({info['native_width']}x{info['native_height']} by default, "
                                       f"{', '.join(info['providers'])}, {info['intra_op_num_threads']} thread(s))")
         print(f"      {url} serves {champion}{how}   (GET {url}/info)")
-        yesterday = wave(url, eval_captions(WAVE, 7), seed=100, client="yesterday")
-        today_started = dt.datetime.now(dt.timezone.utc)
-        today = wave(url, eval_captions(WAVE, 8, concept=concept), seed=200, client="today")
+        with _bar(not quiet, total=2 * WAVE, desc="      users", unit="img") as bar:
+            bar.set_postfix_str("yesterday's colours")
+            yesterday = wave(url, eval_captions(WAVE, 7), seed=100, client="yesterday", bar=bar)
+            today_started = dt.datetime.now(dt.timezone.utc)
+            bar.set_postfix_str(f"today's {concept!r}")
+            today = wave(url, eval_captions(WAVE, 8, concept=concept), seed=200, client="today", bar=bar)
         print(f"[{first + 1}/{total}] users: {WAVE} generations with the usual colours (mean rating "
               f"{sum(yesterday) / WAVE:.1f}), then {WAVE} asking for {concept!r} (mean rating "
               f"{sum(today) / WAVE:.1f}); the pixel checker plays the users")
+        print(f"[{first + 2}/{total}] monitor: today against the reference window frozen from the champion's "
+              "first generations", flush=True)
+        if not quiet:
+            print("      building the Evidently report and deciding ...", file=sys.stderr, flush=True)
         check = run_check(cfg, since=today_started)
-        print(f"[{first + 2}/{total}] monitor: today against the reference window frozen at the promotion")
+        if not quiet:
+            print(f"      report built in {check.report.build_s:.0f} s", file=sys.stderr, flush=True)
         for line in check.lines():
             print(f"      {line}")
         print(f"      evidently ui --workspace {monitor_dir() / 'evidently'}   (the report history)")

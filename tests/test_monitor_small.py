@@ -162,3 +162,100 @@ def test_a_window_frozen_by_the_old_rule_is_not_used(workspace: Path) -> None:
     ref = choose_reference(store, cfg, now=NOW).window
     assert ref is not None and ref.since == promoted and "first 10 generations" in ref.how
     store.close()
+
+
+# -- 3. the report's counts and the Evidently dashboard ----------------------------------------------------------------
+
+def test_counts_are_whole_and_the_workspace_has_a_dashboard(workspace: Path) -> None:
+    from evidently.core.metric_types import CountValue, SingleValue
+    from evidently.ui.workspace import Workspace
+
+    from monitor.dashboard import TAB
+
+    store = Store()
+    ref = explicit_window(NOW - 10 * HOUR, NOW - 9 * HOUR)
+    _log(store, ref.since, 16)
+    _log(store, NOW - 4 * HOUR, 16, words=12)
+    rep = build_report(store, _cfg(), since=NOW - 4 * HOUR, until=NOW - 3 * HOUR, reference=ref, now=NOW)
+    page = rep.html.read_text(encoding="utf-8")
+    assert "16.000" not in page, "Evidently writes counts with three decimals"
+    assert "Row count in dataset: Actual value 16 >= 16" in page and '{"value": "16", "label": ""}' in page
+    assert "16 generations in the current window" in "\n".join(rep.lines())
+
+    ws = Workspace(str(workspace / "monitor" / "evidently"))
+    project = ws.search_project("sdloop")[0]
+    dash = project.dashboard.model()
+    titles = [p.title for p in dash.panels]
+    for title in ("Generations in the current window", "Share of drifted prompt descriptors",
+                  "Share of drifted image descriptors", "Mean rating", "Thumbs-down share", "Rating drift (PSI)",
+                  "95th percentile latency (s)"):
+        assert title in titles
+    assert [t.title for t in dash.tabs] == [TAB] and set(dash.tabs[0].panels) == {p.id for p in dash.panels}
+    # every series of every panel selects a value of the stored run, as the UI's storage matches them
+    run = ws.get_run(project.id, rep.workspace_run)
+    points = []
+    for result in run.metric_results.values():
+        for value in [result] if isinstance(result, SingleValue) else \
+                [result.count, result.share] if isinstance(result, CountValue) else []:
+            loc = value.metric_value_location
+            params = {k: str(v) for k, v in loc.param.items()}
+            params.update({k: str(v) for k, v in loc.metric.params.items() if k != "type"})
+            points.append((loc.metric.params["type"], params, value.value))
+    for panel in dash.panels:
+        for series in panel.values:
+            hits = [v for t, params, v in points if t == series.metric and series.metric_labels.items() <= params.items()]
+            assert len(hits) == 1, (panel.title, series.legend, hits)
+    share = next(p for p in dash.panels if p.title == "Share of drifted prompt descriptors").values[0]
+    assert [v for t, params, v in points if t == share.metric and share.metric_labels.items() <= params.items()] \
+        == [pytest.approx(0.5)]  # words and characters drifted, 2 of 4
+    # a second report adds a run, not a second set of panels
+    build_report(store, _cfg(), since=NOW - 4 * HOUR, until=NOW - 3 * HOUR, reference=ref, now=NOW)
+    project = Workspace(str(workspace / "monitor" / "evidently")).search_project("sdloop")[0]
+    assert len(project.dashboard.model().panels) == len(dash.panels)
+    store.close()
+
+
+# -- 4. the demo's progress -------------------------------------------------------------------------------------------
+
+def test_demo_serve_and_users_show_progress(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """The demo's server start and its simulated users write progress to stderr (they took ~35 s in silence)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from sdloop_cli import demo_loop
+
+    class FakeServer:
+        pid = -1  # never signalled: poll() says it has exited by the time the block ends
+        running = True
+
+        def poll(self) -> Any:
+            return None if self.running else 0
+
+    server = FakeServer()
+    polls = iter([0, 0, 200, 200])  # two polls before it is ready; the second start: ready at once
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, format="PNG")
+    image = {"generation_id": "g", "image_png_base64": base64.b64encode(png.getvalue()).decode()}
+
+    def fake_call(url: str, body: Any = None, timeout: float = 120) -> tuple[int, Any]:
+        if url.endswith("/readyz"):
+            return next(polls), None
+        return 200, {"images": [image]} if url.endswith("/txt2img_json") else {}
+
+    monkeypatch.setattr(demo_loop.subprocess, "Popen", lambda *a, **kw: server)
+    monkeypatch.setattr(demo_loop, "_call", fake_call)
+    monkeypatch.setattr(demo_loop.time, "sleep", lambda s: None)
+    monkeypatch.setattr(demo_loop, "simulated_rating", lambda img, prompt: (4, None))
+    with demo_loop.served(tmp_path / "server.log", progress=True) as url:
+        server.running = False
+        with demo_loop._bar(True, total=3, desc="      users", unit="img", mininterval=0) as bar:
+            assert demo_loop.wave(url, ["a", "b", "c"], seed=0, client="c", bar=bar) == [4, 4, 4]
+            assert bar.n == 3
+    err = capsys.readouterr().err
+    assert "starting the server" in err and "users" in err and "3/3" in err
+    with demo_loop.served(tmp_path / "server.log") as url:  # progress off (--quiet): nothing
+        pass
+    assert capsys.readouterr().err == ""
