@@ -94,6 +94,7 @@ class WorkDir:
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
+        self.resuming = False  # a --resume of a run with progress: the first phase that runs says where it starts
         self.root = self.out / WORK
         self.config_path = self.root / "config.json"
         self.progress_path = self.root / "progress.json"
@@ -222,6 +223,20 @@ def _record_steps(work: WorkDir, phase: str, steps: int) -> None:
 
 
 # ---- the loop shared by both phases -------------------------------------------------------------------------------
+def _say_resume(phase: str, cfg: PretrainConfig, root: Path, found: bool, start: int, elapsed: float, total: int,
+                budget_s: float) -> None:
+    """One line where a resumed run continues: from the phase's checkpoint, or (stopped before its first one) from
+    step 0 of the same total, saying why. The total is the recorded one: a resume never changes it silently."""
+    name = {"vae": "VAE", "unet": "UNet"}[phase]
+    of = (f"of {total} steps" if total else f"within the {budget_s / 60:.1f}-minute budget, {elapsed / 60:.1f} min "
+          "spent")
+    if found:
+        print(f"resuming the {name} phase from its checkpoint at step {start} {of}", file=sys.stderr)
+    else:
+        print(f"no {name} checkpoint in {root} yet (the run stopped before its first; one is written every "
+              f"{cfg.checkpoint_seconds:g} s): the {name} phase starts over at step 0 {of}", file=sys.stderr)
+
+
 def run_phase(phase: str, cfg: PretrainConfig, work: WorkDir, params: list[Any], lr: float,
               step_fn: Callable[[int], float], weights_fn: Callable[[], dict[str, Any]],
               load_fn: Callable[[dict[str, Any], Optional[dict[str, Any]]], None], progress: bool,
@@ -248,6 +263,9 @@ def run_phase(phase: str, cfg: PretrainConfig, work: WorkDir, params: list[Any],
         start, elapsed = found["state"]["step"], found["state"]["elapsed"]
     if work.metrics_path.is_file():  # rows a killed run logged after its last checkpoint (or before its first)
         work.truncate_metrics(phase, start)
+    if work.resuming:
+        _say_resume(phase, cfg, root, found is not None, start, elapsed, total, budget_s)
+        work.resuming = False
     bar = tqdm(total=total or None, initial=start, desc=f"pretrain {phase}", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     t0, last_ckpt, loss, losses = time.time(), time.time(), float("nan"), []
@@ -313,6 +331,9 @@ def pretrain(out: str | Path, cfg: Optional[PretrainConfig] = None, resume: bool
     out = Path(out).expanduser().resolve()
     work = WorkDir(out)
     command = command or ["sdloop", "base", "pretrain", str(out)]
+    # a resume with progress says where each phase continues; one with none has said it starts over (prepare_out)
+    work.resuming = bool(resume and work.config_path.is_file()
+                         and (work.read_progress() or _checkpoints(work.ckpt_root(PHASES[0]))))
     cfg = prepare_out(out, cfg, resume, command, given)
     if resume and (out / "sdloop_base.json").is_file() and "unet" in work.read_progress():
         return json.loads((out / "sdloop_base.json").read_text())
