@@ -127,8 +127,9 @@ def _summary(v: Any, events: list[dict[str, Any]], state: dict[str, Any]) -> lis
     champ = state.get("champion")
     since = [e for e in events if e.get("tag") == v.tag]
     if v.stage == "champion":
-        when = since[-1].get("when", "?") if since else "?"
-        lines.append(f"  champion:     yes, since {when} ({since[-1].get('reason', '') if since else ''})")
+        when, why = (since[-1].get("when", "?"), str(since[-1].get("reason", ""))) if since else ("?", "")
+        why = why if len(why) <= 80 else why.split(": ", 1)[0][:80] + " ... (sdloop models history)"
+        lines.append(f"  champion:     yes, since {when}" + (f" ({why})" if why else ""))
     else:
         lines.append(f"  champion:     no (the champion is {champ or 'none yet'}; "
                      f"{len(since)} earlier promotion(s) of this version)")
