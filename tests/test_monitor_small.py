@@ -7,6 +7,7 @@ Each scenario writes generations with past timestamps into a real sqlite store a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,16 @@ def test_new_champion_is_judged_only_on_its_own_traffic(workspace: Path) -> None
     store.close()
 
 
+def test_policy_waits_for_the_champions_own_reference() -> None:
+    from monitor.policy import Evidence, decide
+
+    why = "the champion sdloop:new has served 4 generation(s) since its promotion; ... needs 10: wait for 6 more"
+    decision = decide(Evidence(enough_data=False, reference_wait=why, service=["error rate 9%"]), _cfg())
+    assert decision.action == "wait" and not decision.retrain and decision.reasons[0] == f"no verdict yet: {why}"
+    assert decision.service == ["error rate 9%"] and "error rate 9%" in decision.reasons[1]
+    assert decide(Evidence(enough_data=False), _cfg()).action == "not_enough_data"  # no champion: as before
+
+
 def test_a_window_frozen_by_the_old_rule_is_not_used(workspace: Path) -> None:
     """A reference frozen from the traffic before the promotion (the earlier rule) holds none of the champion's own
     generations: the champion's own first generations are used instead."""
@@ -181,6 +192,12 @@ def test_counts_are_whole_and_the_workspace_has_a_dashboard(workspace: Path) -> 
     assert "16.000" not in page, "Evidently writes counts with three decimals"
     assert "Row count in dataset: Actual value 16 >= 16" in page and '{"value": "16", "label": ""}' in page
     assert "16 generations in the current window" in "\n".join(rep.lines())
+    from monitor.report import histogram_bins
+
+    evidently = json.loads(rep.json.read_text())
+    assert {m["config"].get("nbinsx") for m in evidently["metrics"] if m["config"]["type"].endswith("ValueDrift")
+            and m["config"]["column"] not in ("prompt", "rating")} == {4}  # sqrt(16) bins, not 10 for 16 rows
+    assert (histogram_bins(1), histogram_bins(16), histogram_bins(40), histogram_bins(1000)) == (3, 4, 7, 10)
 
     ws = Workspace(str(workspace / "monitor" / "evidently"))
     project = ws.search_project("sdloop")[0]
