@@ -178,7 +178,6 @@ def test_a_window_frozen_by_the_old_rule_is_not_used(workspace: Path) -> None:
 # -- 3. the report's counts and the Evidently dashboard ----------------------------------------------------------------
 
 def test_counts_are_whole_and_the_workspace_has_a_dashboard(workspace: Path) -> None:
-    from evidently.core.metric_types import CountValue, SingleValue
     from evidently.ui.workspace import Workspace
 
     from monitor.dashboard import TAB
@@ -208,27 +207,33 @@ def test_counts_are_whole_and_the_workspace_has_a_dashboard(workspace: Path) -> 
                   "95th percentile latency (s)"):
         assert title in titles
     assert [t.title for t in dash.tabs] == [TAB] and set(dash.tabs[0].panels) == {p.id for p in dash.panels}
-    # every series of every panel selects a value of the stored run, as the UI's storage matches them
-    run = ws.get_run(project.id, rep.workspace_run)
-    points = []
-    for result in run.metric_results.values():
-        for value in [result] if isinstance(result, SingleValue) else \
-                [result.count, result.share] if isinstance(result, CountValue) else []:
-            loc = value.metric_value_location
-            params = {k: str(v) for k, v in loc.param.items()}
-            params.update({k: str(v) for k, v in loc.metric.params.items() if k != "type"})
-            points.append((loc.metric.params["type"], params, value.value))
-    for panel in dash.panels:
-        for series in panel.values:
-            hits = [v for t, params, v in points if t == series.metric and series.metric_labels.items() <= params.items()]
-            assert len(hits) == 1, (panel.title, series.legend, hits)
-    share = next(p for p in dash.panels if p.title == "Share of drifted prompt descriptors").values[0]
-    assert [v for t, params, v in points if t == share.metric and share.metric_labels.items() <= params.items()] \
-        == [pytest.approx(0.5)]  # words and characters drifted, 2 of 4
     # a second report adds a run, not a second set of panels
     build_report(store, _cfg(), since=NOW - 4 * HOUR, until=NOW - 3 * HOUR, reference=ref, now=NOW)
     project = Workspace(str(workspace / "monitor" / "evidently")).search_project("sdloop")[0]
     assert len(project.dashboard.model().panels) == len(dash.panels)
+
+    # every series of every panel is one line with a point per run, read as `evidently ui` reads them
+    import asyncio
+
+    from evidently.ui.service.base import SeriesFilter
+    from evidently.ui.service.storage.local.base import InMemoryDataStorage
+
+    data = InMemoryDataStorage(str(workspace / "monitor" / "evidently"))
+
+    def series(metric: Any) -> list[Any]:
+        got = asyncio.run(data.get_data_series(project.id, [SeriesFilter(
+            tags=metric.tags, metadata=metric.metadata, metric=metric.metric, metric_labels=metric.metric_labels)],
+            None, None))
+        return [s.values for s in got.series]
+
+    for panel in dash.panels:
+        for metric in panel.values:
+            values = series(metric)
+            assert len(values) == 1 and len(values[0]) == 2, (panel.title, metric.legend, values)
+    share = next(p for p in dash.panels if p.title == "Share of drifted prompt descriptors").values[0]
+    assert series(share) == [[pytest.approx(0.5)] * 2]  # words and characters drifted, 2 of 4
+    rows = next(p for p in dash.panels if p.title == "Generations in the current window").values[0]
+    assert series(rows) == [[16, 16]]
     store.close()
 
 
