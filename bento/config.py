@@ -59,6 +59,10 @@ class ServeConfig:
     threads: int = _f(8, "SDLOOP_THREADS", "Request threads per worker, in [1, 1024].")
     queue: int = _f(4, "SDLOOP_QUEUE", "Requests that may wait for a worker's pipeline besides the one it runs, in "
                                        "[0, 10000]; one more is answered 429 with Retry-After.")
+    jobs: int = _f(16, "SDLOOP_JOBS", "Generation jobs (POST /jobs) that may wait in a worker's job queue besides "
+                                      "the one it runs, in [1, 10000]; one more is answered 429 with Retry-After.")
+    job_ttl_s: float = _f(3600.0, "SDLOOP_JOB_TTL_S", "Seconds a finished job (its status and result images) is "
+                                                      "kept after it ended, in [60, 604800]; then it is purged.")
     torch_threads: int = _f(0, "SDLOOP_TORCH_THREADS", "onnxruntime intra-op (and torch) threads per worker, in "
                                                        "[0, 1024]; 0: the export's own (its manifest's runtime) for "
                                                        "onnx, cores / workers for pytorch.")
@@ -97,6 +101,8 @@ class ServeConfig:
         self._range("workers", 0 <= self.workers <= 1024, "an integer in [0, 1024] (0: one per core)")
         self._range("threads", 1 <= self.threads <= 1024, "an integer in [1, 1024]")
         self._range("queue", 0 <= self.queue <= 10000, "an integer in [0, 10000]")
+        self._range("jobs", 1 <= self.jobs <= 10000, "an integer in [1, 10000]")
+        self._range("job_ttl_s", 60 <= self.job_ttl_s <= 604800, "a number of seconds in [60, 604800]")
         self._range("torch_threads", 0 <= self.torch_threads <= 1024, "an integer in [0, 1024] (0: the export's)")
         self._range("backend", self.backend in BACKENDS, f"one of {', '.join(BACKENDS)}")
         self._range("auth", self.auth in AUTH_MODES, f"one of {', '.join(AUTH_MODES)}")

@@ -8,6 +8,12 @@ the body of each API request first and checks what a client can get wrong: heade
 with ``SDLOOP_AUTH=keys``, the API key, its scope and its rate limit. A refusal is ``{"error", "status"}`` (plus
 pydantic's ``detail`` for a schema error), one WARNING line, and a count in ``sdloop_errors_total``; a request that
 passes goes on to BentoML with its body replayed and its key in ``request.state.api_key``.
+
+Jobs (``bento/jobs.py``): ``POST /jobs`` is checked as txt2img is (body schema, key, ``generate`` scope, rate limit).
+Reading or cancelling a job (``/jobs/ID...``) has no body; with keys on it needs a known key (401 otherwise) but
+neither a scope nor a token of the rate limit: a client polls its job's status, and that must not use up the budget
+of its generations. Whether the key may see that job (the one that submitted it, or an admin key) is the handler's
+question, answered 404 otherwise so that another key learns nothing of the job's existence.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from bento.auth import Authenticator, client_address
+from bento.auth import Authenticator, client_address, presented_key
 from bento.config import ServeConfig
 from bento.schemas import FeedbackRequest, Txt2ImgRequest
 
@@ -35,7 +41,9 @@ ROUTES: dict[str, tuple[str, Optional[type[BaseModel]], str]] = {
     "/txt2img_json": ("txt2img_json", Txt2ImgRequest, "generate"),
     "/feedback": ("feedback", FeedbackRequest, "feedback"),
     "/admin/reload": ("admin_reload", None, "admin"),
+    "/jobs": ("jobs", Txt2ImgRequest, "generate"),  # submit a job: checked exactly as a txt2img request is
 }
+JOB_PREFIX = "/jobs/"  # GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID, POST /jobs/ID/cancel: see job_access
 MAX_BODY = 1 << 20          # the largest valid request is a few KB
 MAX_CLIENT_ID = 200         # as FeedbackRequest.client_id
 
@@ -95,6 +103,17 @@ def check_body(body: bytes, schema: Optional[type[BaseModel]]) -> None:
         raise Refusal(400, "invalid", where, detail=detail) from None
 
 
+def identify(auth: Authenticator, scope: Scope) -> Any:
+    """The caller's active key record (any scope, no rate-limit token taken), or a 401 Refusal."""
+    key = presented_key(scope)
+    record = auth.lookup(key) if key else None
+    if record is None:
+        raise Refusal(401, "unauthorized", "send the API key that submitted the job as 'Authorization: Bearer "
+                                           "sdk_...'; this one is missing, unknown or revoked",
+                      headers={"WWW-Authenticate": "Bearer"})
+    return record
+
+
 class RequestGuard:
     """ASGI middleware: checks each POST to an API before BentoML sees it (see the module docstring)."""
 
@@ -112,7 +131,23 @@ class RequestGuard:
             self._auth = Authenticator(config)
         return self._auth
 
+    async def job_access(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A job's status, result or cancel: headers checked, and with keys on a known key in ``state.api_key``."""
+        auth = self.current()
+        try:
+            check_headers(scope)
+            if auth.config.keys_on:
+                key = await run_in_threadpool(identify, auth, scope)
+                scope.setdefault("state", {})["api_key"] = key
+        except Refusal as refusal:
+            await refuse(scope, "jobs", refusal, auth.config.proxy_networks)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith(JOB_PREFIX):
+            await self.job_access(scope, receive, send)
+            return
         route = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)

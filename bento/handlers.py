@@ -91,8 +91,6 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
             request: Any = None) -> Any:
     """Generate (at the model's native size unless the request names one), log every image (descriptors,
     parameters with the size drawn, latency, version), and answer PNG or JSON."""
-    from sdloop.descriptors import image_descriptors
-
     endpoint = "txt2img" if png else "txt2img_json"
     req = Txt2ImgRequest.model_construct(**params)
     if png and req.num_images != 1:
@@ -135,29 +133,41 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
         raise
     latency = time.monotonic() - started
     LATENCY.observe(latency)
-    params_logged = req.model_dump(exclude={"prompt", "negative_prompt"})
     key = key_of(request)
-    out = []
-    for seed, image in images:
-        data = _png(image)
-        gid = uuid.uuid4().hex
-        try:
-            store.log_generation(prompt=req.prompt, negative_prompt=req.negative_prompt,
-                                 params={**params_logged, "seed": seed, "backend": model.backend},
-                                 model_version=tag, latency_s=latency, descriptors=image_descriptors(image),
-                                 image_path=_save_image(config.generations_dir, data, gid), generation_id=gid,
-                                 api_key_id=key.id if key else None)
-        except Exception as e:  # noqa: BLE001 - an image that cannot be logged is not answered: it could not be rated
-            if store_outage(e):
-                return unavailable(e, endpoint)
-            raise
-        GENERATIONS.labels(model_version=tag).inc()
-        out.append(GeneratedImage(generation_id=gid, seed=seed, image_png_base64=base64.b64encode(data).decode()))
+    try:
+        out = log_images(store, config, model.backend, req, tag, images, latency, key.id if key else None)
+    except Exception as e:  # noqa: BLE001 - an image that cannot be logged is not answered: it could not be rated
+        if store_outage(e):
+            return unavailable(e, endpoint)
+        raise
     if png:
         return Response(base64.b64decode(out[0].image_png_base64), media_type="image/png",
                         headers={"X-Generation-Id": out[0].generation_id, "X-Seed": str(out[0].seed),
                                  "X-Model-Version": tag, "X-Latency-S": f"{latency:.4f}"})
     return Txt2ImgResponse(model_version=tag, latency_s=round(latency, 4), images=out)
+
+
+def log_images(store: Any, config: ServeConfig, backend: str, req: Txt2ImgRequest, tag: str,
+               images: list[tuple[int, Any]], latency: float, api_key_id: Optional[int]) -> list[GeneratedImage]:
+    """Log every generated image (descriptors, parameters with the size drawn and its seed, latency, version, the
+    key behind it), keep its PNG, count it, and return the answer's images. Shared by the synchronous endpoints and
+    the jobs runner (``bento/jobs.py``), so a job's images reach the monitor and retraining exactly as theirs do.
+    A store error propagates (the caller answers it): an image that cannot be logged is never answered."""
+    from sdloop.descriptors import image_descriptors
+
+    params_logged = req.model_dump(exclude={"prompt", "negative_prompt"})
+    out = []
+    for seed, image in images:
+        data = _png(image)
+        gid = uuid.uuid4().hex
+        store.log_generation(prompt=req.prompt, negative_prompt=req.negative_prompt,
+                             params={**params_logged, "seed": seed, "backend": backend},
+                             model_version=tag, latency_s=latency, descriptors=image_descriptors(image),
+                             image_path=_save_image(config.generations_dir, data, gid), generation_id=gid,
+                             api_key_id=api_key_id)
+        GENERATIONS.labels(model_version=tag).inc()
+        out.append(GeneratedImage(generation_id=gid, seed=seed, image_png_base64=base64.b64encode(data).decode()))
+    return out
 
 
 def with_status(ctx: Any, resp: Any) -> Any:

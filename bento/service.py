@@ -1,10 +1,11 @@
-"""The sdloop service: txt2img from the champion, every generation logged, feedback stored, admin reload, GET /info.
+"""The sdloop service: txt2img from the champion, every generation logged, feedback stored, admin reload, GET /info,
+and long generations as jobs (POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID: bento/jobs.py).
 
 ``bentoml serve`` from the repo root (or ``sdloop serve``, which checks the settings, the store and the port first).
 Settings come from the environment so a container is configured without code; ``bento.config.ServeConfig`` reads
 and checks them (SDLOOP_WORKERS, SDLOOP_THREADS, SDLOOP_TORCH_THREADS, SDLOOP_BACKEND, SDLOOP_POLL_S,
 SDLOOP_DEADLINE_S, SDLOOP_QUEUE, SDLOOP_MAX_*, SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN,
-SDLOOP_MODEL_TAG, SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN, SDLOOP_TRUSTED_PROXIES), and
+SDLOOP_MODEL_TAG, SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN, SDLOOP_TRUSTED_PROXIES, SDLOOP_JOBS, SDLOOP_JOB_TTL_S), and
 SDLOOP_HOME / BENTOML_HOME name the model store and champion pointer.
 """
 
@@ -36,7 +37,22 @@ def _info(request: Any) -> Any:
     return handlers.info(request)
 
 
-_INFO = Starlette(routes=[Route("/info", _info, methods=["GET"])])  # GET: BentoML's own APIs are all POST
+def _jobs(name: str) -> Any:
+    async def endpoint(request: Any) -> Any:  # bento/jobs.py (its metrics) loads in the workers only
+        from bento import jobs
+
+        return await getattr(jobs, name)(request)
+
+    return endpoint
+
+
+# GET: BentoML's own APIs are all POST. /jobs: long generations as jobs (bento/jobs.py; the guard checks them too)
+_INFO = Starlette(routes=[Route("/info", _info, methods=["GET"]),
+                          Route("/jobs", _jobs("submit"), methods=["POST"]),
+                          Route("/jobs/{job_id}", _jobs("status"), methods=["GET"]),
+                          Route("/jobs/{job_id}", _jobs("cancel"), methods=["DELETE"]),
+                          Route("/jobs/{job_id}/cancel", _jobs("cancel"), methods=["POST"]),
+                          Route("/jobs/{job_id}/result", _jobs("result"), methods=["GET"])])
 
 
 @bentoml.asgi_app(_INFO, path="/")
@@ -52,12 +68,16 @@ class SDService:
         self.model = ModelHolder(backend=cfg.backend, threads=cfg.torch_threads or None, poll_s=cfg.poll_s,
                                  fallback_tag=cfg.model_tag or None, max_side=cfg.max_side,
                                  queue=cfg.queue)
+        from bento.jobs import JobRunner
+
+        self.jobs = JobRunner(self.model, self.store, cfg)  # this worker's job queue and runner (SDLOOP_JOBS)
 
     def __is_ready__(self) -> bool:
         return self.model.loaded is not None
 
     @bentoml.on_shutdown
     def _stop_polling(self) -> None:
+        self.jobs.stop()  # its running job stops within a step; jobs left are marked failed
         self.model.stop()
 
     @bentoml.api(route="/txt2img", input_spec=Txt2ImgRequest)

@@ -17,7 +17,8 @@ changes nothing.
 
 Every query of the monitoring database lives in this module and its helpers (``store_schema``: tables and
 migrations; ``store_engine``: engines, private sqlite files, database locks; ``store_reads``: what reports and the
-retraining data read; ``store_log``: the retraining log and the scheduler's job runs; ``store_keys``: API keys),
+retraining data read; ``store_log``: the retraining log and the scheduler's job runs; ``store_keys``: API keys;
+``store_jobs``: generation jobs),
 behind the one public class ``Store`` and its named methods: no other module imports SQLAlchemy or the tables (a test
 checks it).
 
@@ -25,6 +26,10 @@ API keys (schema version 4, ``monitor/store_keys.py`` says how they are made, ha
 ``list_keys``, ``find_key``, ``revoke_key`` for ``sdloop keys``; ``key_for(presented)`` (the active key record or
 None), ``may_rate(key, generation_id)`` and ``key_made_generation(key_id, generation_id)`` for the service; and
 ``log_generation`` / ``add_feedback`` take the ``api_key_id`` of the key behind the request (None without keys).
+
+Generation jobs (schema version 5, ``monitor/store_jobs.py``; the service's ``/jobs`` routes in ``bento/jobs.py``):
+``create_job``, ``get_job``, ``start_job``, ``job_progress``, ``finish_job``, ``cancel_job``, ``jobs_to_cancel``,
+``touch_jobs`` and ``purge_jobs``: the state every worker and replica shares about a job.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from typing import Any, Optional
 import sqlalchemy as sa
 
 from monitor.store_engine import StoreError, advisory_lock, make_engine, private_sqlite_file
+from monitor.store_jobs import _JobQueries
 from monitor.store_keys import SCOPES, ApiKey, ApiKeyError, _KeyQueries
 from monitor.store_log import _LogQueries
 from monitor.store_reads import _ReportQueries
 from monitor.store_schema import (MIGRATIONS, SCHEMA_VERSION, _now, _stamp, _utc, _versions, api_keys, failures,
-                                  feedback, generations, job_runs, metadata, reference_windows, retrain_steps,
-                                  retrains)
+                                  feedback, generations, job_runs, jobs, metadata, reference_windows,
+                                  retrain_steps, retrains)
 from sdloop.errors import UserError
 
 # The tables are re-exported for tests that write rows as an old release or another process would; modules outside
@@ -51,7 +57,7 @@ from sdloop.errors import UserError
 __all__ = ["Store", "StoreError", "UnknownGeneration", "FeedbackOfAnotherKey", "ApiKey", "ApiKeyError", "SCOPES",
            "open_store", "make_engine", "advisory_lock", "private_sqlite_file", "MIGRATIONS", "SCHEMA_VERSION",
            "metadata", "generations", "feedback", "failures", "reference_windows", "retrains", "retrain_steps",
-           "job_runs", "api_keys"]
+           "job_runs", "api_keys", "jobs"]
 
 
 class UnknownGeneration(KeyError):
@@ -63,9 +69,10 @@ class FeedbackOfAnotherKey(UserError):
     without a key): refused, so one key can never overwrite another's rating (the service answers 409)."""
 
 
-class Store(_ReportQueries, _LogQueries, _KeyQueries):
-    """The monitoring database: the generation log, feedback, failures, frozen reference windows, the retraining log
-    and the scheduler's job runs, each read and written through a named method. Thread-safe; open one per process."""
+class Store(_ReportQueries, _LogQueries, _KeyQueries, _JobQueries):
+    """The monitoring database: the generation log, feedback, failures, frozen reference windows, the retraining log,
+    the scheduler's job runs, API keys and generation jobs, each read and written through a named method.
+    Thread-safe; open one per process."""
 
     def __init__(self, url: Optional[str] = None, migrate: bool = True) -> None:
         from sdloop.workspace import store_url

@@ -125,6 +125,27 @@ api_keys = sa.Table(
 )
 
 
+# Version 5: generations run as jobs (bento/jobs.py), shared by every worker and replica: a submit lands on one worker,
+# its status, result and cancel on any. ``updated`` is the heartbeat (the worker that owns a queued or running job
+# touches it); ``result`` holds the finished answer (base64 PNGs and generation ids) until the TTL purges the row.
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True, info={"since": 5}),
+    sa.Column("api_key_id", sa.Integer, nullable=True, info={"since": 5}),
+    sa.Column("state", sa.String(20), nullable=False, info={"since": 5}),
+    sa.Column("step", sa.Integer, nullable=False, info={"since": 5}),
+    sa.Column("steps", sa.Integer, nullable=False, info={"since": 5}),
+    sa.Column("request", sa.JSON, nullable=False, info={"since": 5}),
+    sa.Column("model_version", sa.String(200), nullable=True, info={"since": 5}),
+    sa.Column("error", sa.Text, nullable=True, info={"since": 5}),
+    sa.Column("result", sa.JSON, nullable=True, info={"since": 5}),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, info={"since": 5}),
+    sa.Column("updated", sa.DateTime(timezone=True), nullable=False, index=True, info={"since": 5}),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, info={"since": 5}),
+    sa.Column("worker", sa.String(200), nullable=True, info={"since": 5}),
+)
+
+
 def _since(column: sa.Column) -> int:
     return int(column.info.get("since", 1))
 
@@ -166,9 +187,15 @@ def _v4(conn: Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN api_key_id INTEGER"))
 
 
+def _v5(conn: Connection) -> None:
+    """Version 5: the jobs table (long generations: submit, progress, result, cancel). A new table only: the rows
+    of versions 1 to 4 are untouched."""
+    _create(conn, jobs, 5)
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit an applied one (``_create``
 # keeps what each one builds as it was).
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _versions = sa.Table("schema_version", sa.MetaData(),
