@@ -340,3 +340,82 @@ def test_the_jobs_settings_are_checked() -> None:
     for env, value in (("SDLOOP_JOBS", "0"), ("SDLOOP_JOBS", "many"), ("SDLOOP_JOB_TTL_S", "5")):
         with pytest.raises(ConfigError, match=env):
             ServeConfig.from_env({env: value})
+
+
+def _http(method: str, url: str, body: Optional[dict] = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_jobs_across_the_workers_of_a_real_server(champ: Champion, tmp_path: Path) -> None:  # noqa: F811
+    """`sdloop serve` with 2 worker processes: a job submitted to one is read, cancelled and answered through
+    whichever worker each request reaches (the state is the store's, not a process's)."""
+    import signal
+    import subprocess
+    import sys
+
+    from sdloop.champion import current_champion_tag
+    from test_serve import _free_port
+
+    if current_champion_tag() is None:
+        promote(champ, champ.tags[0])
+    port, root = _free_port(), Path(__file__).resolve().parents[1]
+    env = {**os.environ, **champ.env(), "SDLOOP_POLL_S": "0.5", "SDLOOP_MAX_STEPS": "1000",
+           "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sdloop_cli", "serve", "--port", str(port), "--workers", "2",
+                                 "--threads", "4", "--torch-threads", "1"], cwd=root, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            try:
+                return _http("GET", url + "/info")[1].get("status") == "ready"
+            except OSError:
+                return proc.poll() is not None
+
+        wait_for(ready, 180, 0.5)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        code, body = _http("POST", url + "/jobs", {**TINY, "seed": 3})
+        assert code == 202, body
+        small = body["job_id"]
+        code, body = _http("POST", url + "/jobs", {**TINY, "width": 256, "height": 256, "steps": 500,
+                                                   "timeout_s": 600})
+        assert code == 202, body
+        big = body["job_id"]
+        seen = [_http("GET", f"{url}/jobs/{big}")[1] for _ in range(3)]
+        started = wait_for(lambda: (lambda s: s if s["step"] >= 3 or s["status"] in ENDED else None)(
+            _http("GET", f"{url}/jobs/{big}")[1]), 120, 0.2)
+        assert started["status"] == "running", (started, log.read_text()[-3000:])
+        for _ in range(10):  # the requests reach either worker: each reads the same job
+            code, status = _http("GET", f"{url}/jobs/{big}")
+            assert code == 200 and status["status"] == "running" and status["steps"] == 500, status
+        code, body = _http("DELETE", f"{url}/jobs/{big}")
+        assert code in (200, 202), body
+        final = wait_for(lambda: (lambda s: s if s["status"] in ENDED else None)(_http("GET", f"{url}/jobs/{big}")[1]),
+                         30, 0.2)
+        assert final["status"] == "cancelled" and final["step"] < 500, (final, seen)
+        final = wait_for(lambda: (lambda s: s if s["status"] in ENDED else None)(
+            _http("GET", f"{url}/jobs/{small}")[1]), 60, 0.2)
+        assert final["status"] == "done", final
+        code, result = _http("GET", f"{url}/jobs/{small}/result")
+        assert code == 200 and result["images"][0]["seed"] == 3
+        assert _http("GET", f"{url}/jobs/{uuid.uuid4().hex}")[0] == 404
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
