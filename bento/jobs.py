@@ -17,9 +17,10 @@ lives in the one worker process that took it. Here:
   may land anywhere. Each worker runs its own jobs one at a time in a runner thread (``JobRunner``) from a bounded
   queue (``SDLOOP_JOBS``; past it 429 ``busy`` with ``Retry-After``), through the same pipeline, lock, admission and
   deadline as the synchronous endpoints (``ModelHolder.generate``), so a job never runs beside another generation.
-  Progress is written at most every ``POLL_S``; the owner polls the row for a cancel that landed on another worker
-  at the same pace, and touches its jobs' rows every ``HEARTBEAT_S``: a queued or running job whose row was not
-  touched for ``STALE_S`` reads as failed (its worker stopped) instead of running for ever.
+  Progress is written at most every ``POLL_S`` by a watcher thread (never by the generating thread, which holds the
+  pipeline), which also polls the row for a cancel that landed on another worker, and touches its jobs' rows every
+  ``HEARTBEAT_S``: a queued or running job whose row was not touched for ``STALE_S`` reads as failed (its worker
+  stopped) instead of running for ever.
 - The deadline is the request's ``timeout_s`` from the submit: time in the job queue counts, as it does for txt2img.
   Every image is logged to the store exactly as the synchronous path logs it (``handlers.log_images``), and a job
   that ends without images is logged as a failure like a failed request. A finished job's status and result are
@@ -73,6 +74,9 @@ class Job:
     deadline: float                      # monotonic: the submit's arrival + timeout_s
     key_id: Optional[int]
     cancel: threading.Event = field(default_factory=threading.Event)
+    step: int = 0                        # the last step done, as the generating thread reported it ...
+    steps: int = 0
+    written: int = 0                     # ... and the last one written to the store
 
 
 class JobRunner:
@@ -193,6 +197,10 @@ class JobRunner:
             if not ids:
                 continue
             try:
+                for job in self._progressed():
+                    job.written = job.step
+                    if self.store.job_progress(job.id, job.step, job.steps):
+                        job.cancel.set()  # cancelled on another worker: the next step ends it
                 for job_id in self.store.jobs_to_cancel(ids):
                     self.cancel_local(job_id)
                 if time.monotonic() - beat >= HEARTBEAT_S:
@@ -205,6 +213,10 @@ class JobRunner:
                     log.warning("jobs: the monitoring store cannot be read (%s); cancels from other workers and "
                                 "heartbeats wait for it", text)
                 problem = text
+
+    def _progressed(self) -> list[Job]:
+        with self._cond:
+            return [j for j in self._owned.values() if j.step != j.written]
 
     def _finish(self, job: Job, state: str, **values: Any) -> None:
         try:
@@ -233,18 +245,11 @@ class JobRunner:
         if row is None:  # cancelled while queued (here or on another worker), or purged
             return
         req = Txt2ImgRequest.model_validate(row["request"])
-        last = [0.0]
 
         def progress(i: int, n: int) -> None:
-            now = time.monotonic()
-            if i < n and now - last[0] < POLL_S:
-                return
-            last[0] = now
-            try:
-                if store.job_progress(job.id, i, n):
-                    job.cancel.set()  # cancelled on another worker: the next step ends it
-            except Exception as e:  # noqa: BLE001 - progress is best effort; the generation goes on
-                log.warning("jobs: progress of %s not recorded (%s)", job.id, type(e).__name__)
+            # no store call here: this thread holds the pipeline, and a slow store must not slow the steps; the
+            # watcher writes the step (at most every POLL_S) and reads the cancel flag back in the same call
+            job.steps, job.step = n, i  # steps first: the watcher reads step, then steps
 
         started = time.monotonic()
         try:
