@@ -81,10 +81,18 @@ class Admission:
     def seconds_per_step(self, shape: Shape) -> Optional[float]:
         return self._step_s.get(shape)
 
-    def check_time(self, shape: Shape, steps: int, left_s: float) -> None:
-        """Raise ``WontFinish`` when ``steps`` steps of a measured ``shape`` need more than the ``left_s`` seconds."""
+    def check_time(self, shape: Shape, steps: int, left_s: float, guess_per_step: Optional[float] = None) -> None:
+        """Raise ``WontFinish`` when ``steps`` steps of a measured ``shape`` need more than the ``left_s`` seconds.
+
+        A shape not measured yet is judged by ``guess_per_step`` (the model's fitted cost, ``bento.budget``) only
+        when even half that guess cannot finish: a fit from two sizes is a guess, and it must not refuse work that
+        fits."""
         per = self._step_s.get(shape)
         if per is not None and steps * per > left_s:
             raise WontFinish(f"{steps} steps at {shape[0]}x{shape[1]} x {shape[2]} image(s) need about "
                              f"{steps * per:.2f} s on this worker ({per:.4f} s per step as measured) and "
                              f"{max(0.0, left_s):.2f} s of the deadline are left; nothing was run")
+        if per is None and guess_per_step and steps * guess_per_step / 2 > left_s:
+            raise WontFinish(f"{steps} steps at {shape[0]}x{shape[1]} x {shape[2]} image(s) need about "
+                             f"{steps * guess_per_step:.2f} s on this worker (predicted from the model's measured "
+                             f"cost) and {max(0.0, left_s):.2f} s of the deadline are left; nothing was run")

@@ -59,6 +59,12 @@ class ServeConfig:
     threads: int = _f(8, "SDLOOP_THREADS", "Request threads per worker, in [1, 1024].")
     queue: int = _f(4, "SDLOOP_QUEUE", "Requests that may wait for a worker's pipeline besides the one it runs, in "
                                        "[0, 10000]; one more is answered 429 with Retry-After.")
+    memory_mb: int = _f(0, "SDLOOP_MEMORY_MB", "Memory one worker may use in MiB, model included, in [0, 16777216]; a "
+                                               "request that would pass it (as measured when the model loads) is "
+                                               "refused with 413 naming the largest size that fits. 0: "
+                                               "SDLOOP_MEMORY_SHARE of the host's memory split across the workers.")
+    memory_share: float = _f(0.8, "SDLOOP_MEMORY_SHARE", "Share of the host's (or container's) memory the workers "
+                                                         "may use together when SDLOOP_MEMORY_MB is 0, in (0, 1].")
     jobs: int = _f(16, "SDLOOP_JOBS", "Generation jobs (POST /jobs) that may wait in a worker's job queue besides "
                                       "the one it runs, in [1, 10000]; one more is answered 429 with Retry-After.")
     job_ttl_s: float = _f(3600.0, "SDLOOP_JOB_TTL_S", "Seconds a finished job (its status and result images) is "
@@ -101,6 +107,9 @@ class ServeConfig:
         self._range("workers", 0 <= self.workers <= 1024, "an integer in [0, 1024] (0: one per core)")
         self._range("threads", 1 <= self.threads <= 1024, "an integer in [1, 1024]")
         self._range("queue", 0 <= self.queue <= 10000, "an integer in [0, 10000]")
+        self._range("memory_mb", 0 <= self.memory_mb <= 1 << 24, "an integer of MiB in [0, 16777216] (0: a share "
+                                                                  "of the host)")
+        self._range("memory_share", 0 < self.memory_share <= 1, "a share in (0, 1]")
         self._range("jobs", 1 <= self.jobs <= 10000, "an integer in [1, 10000]")
         self._range("job_ttl_s", 60 <= self.job_ttl_s <= 604800, "a number of seconds in [60, 604800]")
         self._range("torch_threads", 0 <= self.torch_threads <= 1024, "an integer in [0, 1024] (0: the export's)")

@@ -1,7 +1,8 @@
 """The work behind each endpoint, kept beside the service so ``service.py`` stays one screen.
 
 Every error is a JSON body ``{"error": what happened and what to do, "status": one word}`` with its HTTP status:
-400 for a request the model cannot take (prompt too long, a size outside its limits), 404 unknown generation,
+400 for a request the model cannot take (prompt too long, a size outside its limits), 413 ``too_large`` for one
+whose measured memory does not fit the worker's budget (it names the largest size that fits), 404 unknown generation,
 401/403 auth (``unauthorized``, ``forbidden``), 429 a key over its rate limit or too many failed admin tokens, 429
 ``busy`` (the worker's queue is full; ``Retry-After``), 503 not ready (with the reason: nothing promoted yet, or the
 version refused and why) or ``store_unavailable`` (the monitoring store cannot be reached; it recovers by itself when
@@ -24,8 +25,9 @@ from typing import Any, Optional
 
 from starlette.responses import JSONResponse, Response
 
-from bento.auth import FailureLimit, client_address, key_of
 from bento.admission import QueueFull, WontFinish
+from bento.auth import FailureLimit, client_address, key_of
+from bento.budget import TooLarge
 from bento.runtime import ERRORS, FEEDBACK, GENERATIONS, LATENCY, Cancelled, DeadlineExceeded, ModelHolder, \
     NotReady, PromptTooLong, SizeNotSupported
 from bento.config import ServeConfig
@@ -126,6 +128,8 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
                      endpoint)
     except PromptTooLong as e:
         return error(400, "prompt_too_long", str(e), endpoint)
+    except TooLarge as e:
+        return error(413, "too_large", str(e), endpoint)
     except SizeNotSupported as e:
         return error(400, "invalid", str(e), endpoint)
     except Exception as e:  # noqa: BLE001 - counted in the error rate the monitor watches, then answered as a 500
@@ -253,5 +257,5 @@ def info(_request: Any) -> Any:
     body = service.model.info()
     settings = service.config.public()
     body["settings"] = {k: settings[k] for k in ("deadline_s", "max_side", "max_steps", "max_images", "queue",
-                                                 "workers", "torch_threads", "poll_s")}
+                                                 "memory_mb", "workers", "torch_threads", "poll_s")}
     return JSONResponse(body)

@@ -84,6 +84,7 @@ class Loaded:
     backend: str
     manifest: Any  # sdloop.exportfolder.ExportManifest
     info: dict[str, Any] = field(default_factory=dict)
+    cost: Any = None  # bento.budget.CostModel, measured when it loads
 
     @property
     def native(self) -> tuple[int, int]:
@@ -226,13 +227,15 @@ class ModelHolder:
 
     def __init__(self, name: str = MODEL_NAME, backend: str = "onnx", threads: Optional[int] = None,
                  poll_s: float = 5.0, fallback_tag: Optional[str] = None, max_side: int = 1024,
-                 queue: int = 4) -> None:
+                 queue: int = 4, memory: Optional[tuple[float, str]] = None) -> None:
         self.name, self.backend, self.threads, self.poll_s = name, backend, threads, poll_s
         self.fallback_tag, self.max_side = fallback_tag, max_side
+        self.memory = memory  # (bytes this worker may use, how that was set); None: no memory budget
         self.lock = threading.Lock()  # the pipeline: one request at a time
         self.admission = Admission(queue)  # how many may wait for it, and what a request costs here
         self._loading = threading.Lock()  # one load at a time
         self.loaded: Optional[Loaded] = None
+        self._rest = 0.0  # resident bytes after the last request (or load): what the worker holds at rest
         self.last_error: Optional[str] = None
         self._failed: Optional[tuple[str, Any]] = None  # (tag, version_state) of the last refused version
         self._poll_problem: Optional[str] = None
@@ -287,13 +290,60 @@ class ModelHolder:
             except Exception as e:  # noqa: BLE001 - refuse the version, keep the champion, say why once
                 self._refuse(tag, state, e)
                 return self.version
+            if self.memory is not None:
+                self._calibrate(loaded)
             self.loaded = loaded  # requests in flight keep the pipeline they took
+            self._rest = 0.0
             self._failed, self.last_error = None, None
             log.info("serving %s (%s, %s, %s intra-op thread(s) from the %s) after %.1f s of loading", loaded.tag,
                      self.backend, ", ".join(map(str, loaded.info.get("providers", []))),
                      loaded.info.get("intra_op_num_threads"), loaded.info.get("threads_from"),
                      time.monotonic() - started)
             return self.version
+
+    def _calibrate(self, loaded: Loaded) -> None:
+        """Measure what a request costs the new version here (``bento.budget.calibrate``), under the pipeline lock so
+        no other generation's memory is counted: serving pauses for those few seconds of a promotion."""
+        import torch
+
+        from bento.budget import calibrate
+
+        def run(width: int, height: int, on_step: Callable[[], None]) -> None:
+            def step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                on_step()
+                return kwargs
+
+            loaded.pipe(prompt="a photo", num_inference_steps=2, guidance_scale=7.5, width=width, height=height,
+                        num_images_per_prompt=1, generator=torch.Generator().manual_seed(0),
+                        callback_on_step_end=step, output_type="pil")
+
+        started = time.monotonic()
+        from bento.budget import resident_bytes
+
+        low, high, multiple = loaded.sides(self.max_side)
+        with self.lock:
+            loaded.cost = calibrate(run, loaded.native, multiple, high, self.memory[0] - resident_bytes())
+        log.info("measured %s in %.1f s: %s", loaded.tag, time.monotonic() - started,
+                 "; ".join(f"{s['width']}x{s['height']}: {s['bytes'] / 2**20:.0f} MiB, {s['seconds_per_step']:.3f} "
+                           "s/step" for s in loaded.cost.samples))
+
+    def budget(self, loaded: Optional[Loaded] = None) -> Any:
+        """This worker's memory budget with the served version's cost model (None: no budget)."""
+        from bento.budget import Budget
+
+        loaded = loaded or self.loaded
+        if self.memory is None:
+            return None
+        return Budget(self.memory[0], self.memory[1], loaded.cost if loaded else None)
+
+    def check_memory(self, req: Any, loaded: Optional[Loaded], resident: float) -> None:
+        """Refuse (``bento.budget.TooLarge``) a request that would take this worker past its memory budget, now
+        holding ``resident`` bytes; a size outside the model's limits is ``SizeNotSupported`` first."""
+        budget = self.budget(loaded)
+        if budget is None or loaded is None:
+            return
+        width, height = loaded.size_for(req.width, req.height, self.max_side)
+        budget.check(width, height, req.num_images, resident, loaded.sides(self.max_side))
 
     def _refuse(self, tag: str, state: Any, error: BaseException) -> None:
         self._failed = (tag, state)
@@ -316,6 +366,11 @@ class ModelHolder:
                         "default_width": loaded.native[0], "default_height": loaded.native[1],
                         "limits": {**loaded.manifest.limits, "min_side": low, "max_side": high, "side_multiple": m,
                                    "max_tokens": loaded.max_tokens}})
+        budget = self.budget(loaded)
+        if budget is not None:
+            from bento.budget import resident_bytes
+
+            out["budget"] = budget.public(resident_bytes())
         out["last_error"] = self.last_error
         return out
 
@@ -332,6 +387,11 @@ class ModelHolder:
         width/height gets the model's native size; ``req`` is updated to the size drawn."""
         import torch
 
+        from bento.budget import resident_bytes
+
+        # refused before it waits: a request that cannot fit even in the memory this worker holds at rest
+        loaded = self.loaded
+        self.check_memory(req, loaded, self._rest if loaded is not None and self._rest else resident_bytes())
         self.admission.enter()  # QueueFull: too many wait already
         WAITING.set(self.admission.waiting)
         try:
@@ -360,6 +420,9 @@ class ModelHolder:
             if n > loaded.max_tokens:
                 raise PromptTooLong(f"{field_name} has {n} tokens; the text encoder takes at most "
                                     f"{loaded.max_tokens}: shorten it")
+        from bento.budget import give_back, resident_bytes
+
+        self.check_memory(req, loaded, resident_bytes())  # what the worker holds now (a promotion holds two)
         req.width, req.height = loaded.size_for(req.width, req.height, self.max_side)
         left = deadline - time.monotonic()
         if left <= 0:
@@ -367,7 +430,8 @@ class ModelHolder:
         if cancel is not None and cancel.is_set():
             raise Cancelled(0, "before the first denoising step")
         shape = (req.width, req.height, req.num_images, req.guidance_scale > 1)
-        self.admission.check_time(shape, req.steps, left)  # WontFinish
+        guess = loaded.cost.seconds_per_step(req.width, req.height, req.num_images) if loaded.cost else None
+        self.admission.check_time(shape, req.steps, left, guess)  # WontFinish
         ends: list[float] = []
 
         def on_step(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -394,3 +458,5 @@ class ModelHolder:
                 self.admission.stepped(shape, (ends[-1] - ends[0]) / (len(ends) - 1))
             if ends:  # a request refused before its first step says nothing of how long one takes
                 self.admission.ran(time.monotonic() - held)
+            give_back()  # a large request's freed memory goes back to the system, not kept at its peak
+            self._rest = resident_bytes()

@@ -4,8 +4,9 @@ and long generations as jobs (POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DEL
 ``bentoml serve`` from the repo root (or ``sdloop serve``, which checks the settings, the store and the port first).
 Settings come from the environment so a container is configured without code; ``bento.config.ServeConfig`` reads
 and checks them (SDLOOP_WORKERS, SDLOOP_THREADS, SDLOOP_TORCH_THREADS, SDLOOP_BACKEND, SDLOOP_POLL_S,
-SDLOOP_DEADLINE_S, SDLOOP_QUEUE, SDLOOP_MAX_*, SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN,
-SDLOOP_MODEL_TAG, SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN, SDLOOP_TRUSTED_PROXIES, SDLOOP_JOBS, SDLOOP_JOB_TTL_S), and
+SDLOOP_DEADLINE_S, SDLOOP_QUEUE, SDLOOP_MEMORY_MB, SDLOOP_MEMORY_SHARE, SDLOOP_MAX_*, SDLOOP_STORE_URL,
+SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN, SDLOOP_MODEL_TAG, SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN,
+SDLOOP_TRUSTED_PROXIES, SDLOOP_JOBS, SDLOOP_JOB_TTL_S), and
 SDLOOP_HOME / BENTOML_HOME name the model store and champion pointer.
 """
 
@@ -59,6 +60,7 @@ _INFO = Starlette(routes=[Route("/info", _info, methods=["GET"]),
 @bentoml.service(name="sdloop", workers=CONFIG.workers, threads=CONFIG.threads, traffic={"timeout": 3700})
 class SDService:
     def __init__(self) -> None:
+        from bento.budget import budget_for
         from bento.runtime import ModelHolder, configure_threads
         from monitor.store import open_store
 
@@ -67,7 +69,7 @@ class SDService:
         self.store = open_store(cfg.resolved_store_url())
         self.model = ModelHolder(backend=cfg.backend, threads=cfg.torch_threads or None, poll_s=cfg.poll_s,
                                  fallback_tag=cfg.model_tag or None, max_side=cfg.max_side,
-                                 queue=cfg.queue)
+                                 queue=cfg.queue, memory=budget_for(cfg.memory_mb, cfg.memory_share, cfg.workers))
         from bento.jobs import JobRunner
 
         self.jobs = JobRunner(self.model, self.store, cfg)  # this worker's job queue and runner (SDLOOP_JOBS)
