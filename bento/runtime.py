@@ -75,6 +75,10 @@ class SizeNotSupported(ValueError):
     draws repeated tiles."""
 
 
+class TooManySteps(SizeNotSupported):
+    """More denoising steps than the version's scheduler has timesteps (it raises IndexError deep inside)."""
+
+
 @dataclass
 class Loaded:
     """A version ready to serve: its pipeline, its manifest, and what /info reports about how it runs here."""
@@ -93,6 +97,11 @@ class Loaded:
     @property
     def max_tokens(self) -> int:
         return int(self.manifest.limits.get("max_tokens") or self.pipe.tokenizer.model_max_length)
+
+    @property
+    def max_steps(self) -> int:
+        """The most steps its scheduler can take: one fewer than its training timesteps (1000 for SD)."""
+        return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000)) - 1
 
     def sides(self, max_side: int) -> tuple[int, int, int]:
         """(smallest side, largest side, multiple) this version takes here: its manifest's limits, capped by the
@@ -365,7 +374,7 @@ class ModelHolder:
             out.update({"native_width": loaded.native[0], "native_height": loaded.native[1],
                         "default_width": loaded.native[0], "default_height": loaded.native[1],
                         "limits": {**loaded.manifest.limits, "min_side": low, "max_side": high, "side_multiple": m,
-                                   "max_tokens": loaded.max_tokens}})
+                                   "max_tokens": loaded.max_tokens, "max_steps": loaded.max_steps}})
         budget = self.budget(loaded)
         if budget is not None:
             from bento.budget import resident_bytes
@@ -424,6 +433,9 @@ class ModelHolder:
 
         self.check_memory(req, loaded, resident_bytes())  # what the worker holds now (a promotion holds two)
         req.width, req.height = loaded.size_for(req.width, req.height, self.max_side)
+        if req.steps > loaded.max_steps:
+            raise TooManySteps(f"steps: {loaded.tag}'s scheduler takes at most {loaded.max_steps} steps; got "
+                               f"{req.steps}")
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded(0, "before the first denoising step")

@@ -151,17 +151,44 @@ def test_png_and_json_answers_and_every_generation_is_logged(client, champ: Cham
     assert again.content == r.content and again.headers["x-generation-id"] != r.headers["x-generation-id"]
 
 
-def test_deadline_interrupts_the_generation(client) -> None:  # noqa: ANN001
+def test_deadline_interrupts_the_generation(client, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
     from bento.runtime import STEPS
 
+    original = ORTStableDiffusionPipeline.__call__
+
+    def slowed(self, *args, **kwargs):  # noqa: ANN001,ANN002,ANN003,ANN202 - each step 20 ms slower than measured
+        step = kwargs["callback_on_step_end"]
+
+        def slow_step(*a):  # noqa: ANN002,ANN202
+            time.sleep(0.02)
+            return step(*a)
+
+        return original(self, *args, **{**kwargs, "callback_on_step_end": slow_step})
+
+    # after the model was measured: the worker admits the request (its steps look fast enough) and the deadline,
+    # not the up-front estimate, has to stop it
+    monkeypatch.setattr(ORTStableDiffusionPipeline, "__call__", slowed)
     before = STEPS._value.get()
-    r = client.post("/txt2img_json", json={**TINY, "steps": 200, "width": 256, "height": 256, "timeout_s": 0.3})
+    r = client.post("/txt2img_json", json={**TINY, "steps": 200, "timeout_s": 1.0})
     assert r.status_code == 504 and r.json()["status"] == "timeout"
+    assert "during denoising" in r.json()["error"], r.text
     ran = STEPS._value.get() - before
     assert 1 <= ran < 200, ran
     time.sleep(1.0)
     assert STEPS._value.get() - before == ran  # nothing keeps denoising after the client got its answer
     assert client.post("/txt2img_json", json=TINY).status_code == 200  # and the pipeline lock was released
+
+
+def test_a_request_its_measured_cost_says_cannot_finish_runs_no_step(client) -> None:  # noqa: ANN001
+    from bento.runtime import STEPS
+
+    before = STEPS._value.get()
+    r = client.post("/txt2img_json", json={**TINY, "steps": 200, "width": 256, "height": 256, "timeout_s": 0.3})
+    assert r.status_code == 504 and r.json()["status"] == "timeout", r.text
+    assert "nothing was run" in r.json()["error"]
+    assert STEPS._value.get() == before
 
 
 def test_one_pipeline_serves_one_request_at_a_time(client, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
@@ -536,3 +563,15 @@ def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
     if "hunter2" in url:
         assert "hunter2" not in mask_text(f"cannot connect to {url}: password 'hunter2' rejected", url)
+
+
+def test_more_steps_than_the_scheduler_has_is_a_400_not_a_500(client,  # noqa: ANN001
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from bento.runtime import Loaded
+
+    assert client.get("/info").json()["limits"]["max_steps"] == 999  # 1000 training timesteps: 1000 steps fail
+    # SDLOOP_MAX_STEPS may allow up to 10000 (read at import): here the scheduler's limit is made smaller instead
+    monkeypatch.setattr(Loaded, "max_steps", property(lambda self: 3))
+    r = client.post("/txt2img_json", json={**TINY, "steps": 4})
+    assert r.status_code == 400 and r.json()["status"] == "invalid", r.text
+    assert "at most 3 steps" in r.json()["error"]
