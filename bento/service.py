@@ -13,6 +13,7 @@ SDLOOP_HOME / BENTOML_HOME name the model store and champion pointer.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from sdloop.workspace import use_bentoml_home
@@ -121,3 +122,8 @@ SDService.add_asgi_middleware(RequestGuard)  # malformed requests and unknown ca
 _packed = current_champion_tag()
 if _packed and CONFIG.pack_champion:
     SDService.models.append(bentoml.models.BentoModel(_packed))
+elif CONFIG.pack_champion and len(sys.argv) > 1 and sys.argv[1] == "build" and "bentoml" in sys.argv[0]:
+    # a Bento without a model builds "successfully" at 0 B and serves 503 forever in its container: refuse
+    raise SystemExit("error: no champion to pack into the Bento (the workspace's model store has none): promote a "
+                     "version first (`sdloop models promote TAG`, or run `sdloop demo`), or build without a model "
+                     "with SDLOOP_PACK_CHAMPION=0 when the container gets its store another way.")

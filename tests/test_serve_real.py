@@ -333,3 +333,15 @@ def _stable(url: str) -> bool:
     first = _steps_run(url)
     time.sleep(1.0)
     return _steps_run(url) == first
+
+
+def test_bentoml_build_without_a_champion_refuses_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "SDLOOP_HOME": str(tmp_path / "home"), "BENTOML_HOME": str(tmp_path / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("SDLOOP_PACK_CHAMPION", None)
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT), "--output", "tag"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, out.stdout[-2000:]
+    text = (out.stdout + out.stderr).strip()
+    assert "Traceback" not in text and "no champion to pack" in text and "sdloop models promote" in text, text
+    assert not (tmp_path / "bentoml" / "bentos").exists() or not any((tmp_path / "bentoml" / "bentos").rglob("*"))
