@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +123,43 @@ class Data:
     val_feed: Any = None
 
 
-def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, event: Optional[Event]) -> Data:
-    """Check and split the dataset; on --resume, refuse a dataset that changed since the run started."""
+UPSCALE_WARN_FACTOR = 2.0  # a training resolution more than this many times the images' typical side is warned about
+
+
+def upscale_warning(items: list, resolution: int) -> Optional[str]:
+    """One line when ``resolution`` is more than twice the dataset's median image side (None otherwise).
+
+    An image's side is sqrt(width x height), the side of the square of its area, as the buckets are sized by area.
+    Training small images at a large resolution upscales each one: the compute grows with the square of the factor
+    and the model learns the blur. ``sdloop train`` and ``sdloop tune`` print it once, before any step.
+    """
+    from finetune.training.config import MIN_RESOLUTION
+
+    sides = [math.sqrt(i.width * i.height) for i in items if getattr(i, "width", 0) and getattr(i, "height", 0)]
+    if not sides:
+        return None
+    median = statistics.median(sides)
+    factor = resolution / median
+    if factor <= UPSCALE_WARN_FACTOR:
+        return None
+    suggested = max(MIN_RESOLUTION, int(math.ceil(round(median) / 8) * 8))
+    return (f"warning: the images are {round(median)} px (median side) and --resolution is {resolution}: each is "
+            f"upscaled {factor:.3g}x, which costs {factor * factor:.3g}x the compute and learns blur; "
+            f"pass --resolution {suggested}")
+
+
+def warn_upscale(items: list, resolution: int) -> None:
+    """Print ``upscale_warning`` to stderr when there is one."""
+    line = upscale_warning(items, resolution)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
+def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, event: Optional[Event],
+               warn: bool = True) -> Data:
+    """Check and split the dataset; on --resume, refuse a dataset that changed since the run started.
+
+    ``warn`` prints the one-line upscale warning (``upscale_warning``); the search prints it once for all trials."""
     from finetune.data.check import DataReport, DatasetError, explain_empty_validation, scan_dataset, split_items
 
     with timed(event, "scan_dataset"):
@@ -144,6 +182,8 @@ def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, e
     train_items, val_items = split_items(report.items, cfg.data_config)
     if not val_items and cfg.data_config.validation_split > 0:
         raise SetupError(explain_empty_validation(report.items, cfg.data_config))
+    if warn:
+        warn_upscale(report.items, cfg.resolution)
     return Data(report, train_items, val_items, report.fingerprint)
 
 

@@ -75,6 +75,7 @@ class TrainHooks:
 
     event: Optional[Event] = None
     on_validation: Optional[Callable[[int, float], bool]] = None
+    warn_upscale: bool = True  # the one-line upscale warning; the search prints it once before its trials
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, hooks: TrainHooks) ->
     ctx = start_accelerator(cfg)
     run = open_run_folder(cfg, resume, ctx.main) if ctx.main else RunFolder(cfg.output)
     ctx.accelerator.wait_for_everyone()
-    data = check_data(cfg, run, resume, progress and ctx.main, hooks.event)
+    data = check_data(cfg, run, resume, progress and ctx.main, hooks.event, warn=hooks.warn_upscale and ctx.main)
     m = setup_model(cfg, ctx, data, progress and ctx.main, hooks.event)
     state, step = restore(run, m, ctx, resume)
     if ctx.main and step == 0:

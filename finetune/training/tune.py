@@ -215,6 +215,7 @@ def _preflight(cfg: TrainConfig, progress: bool) -> str:
     from sdloop.pipelines import resolve_base
 
     from finetune.data.check import scan_dataset, split_items
+    from finetune.training.setup import warn_upscale
 
     resolve_base(cfg.base)
     report = scan_dataset(cfg.data, cfg.data_config, progress=progress)
@@ -223,6 +224,7 @@ def _preflight(cfg: TrainConfig, progress: bool) -> str:
     if not split_items(report.items, cfg.data_config)[1]:
         raise TuneError(f"the validation split of {cfg.data} is empty and tune optimises the validation loss; "
                         f"run `sdloop data check {cfg.data}` to see why.")
+    warn_upscale(report.items, cfg.resolution)  # once for the search; the trials do not repeat it
     return report.fingerprint
 
 
@@ -311,7 +313,7 @@ def tune(base_cfg: TrainConfig, tune_dir: Path, n_trials: int, space: Optional[S
     """
     import optuna
 
-    from finetune.training.train import DivergedError, StopReason, train
+    from finetune.training.train import DivergedError, StopReason, TrainHooks, train
 
     if not 0 <= n_trials <= MAX_TRIALS:
         raise TuneError(f"--trials={n_trials} is invalid: a number of trials in [0, {MAX_TRIALS}].")
@@ -345,7 +347,8 @@ def tune(base_cfg: TrainConfig, tune_dir: Path, n_trials: int, space: Optional[S
                 return trial.should_prune()
 
             try:
-                result = train(TrainConfig.from_dict(values), resume=resume, progress=progress, on_validation=report)
+                result = train(TrainConfig.from_dict(values), resume=resume, progress=progress, on_validation=report,
+                               hooks=TrainHooks(warn_upscale=False))
             except DivergedError as e:  # a diverged trial is a bad trial, not a failed search; other errors stop it
                 trial.set_user_attr("error", str(e))
                 raise optuna.TrialPruned(str(e)) from None
