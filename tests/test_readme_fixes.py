@@ -113,3 +113,98 @@ def test_base_tiny_into_a_folder_it_made_says_what_to_do(tmp_path: Path, capsys)
     assert main(["base", "tiny", str(out), "--weights", "random", "--seed", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0] and str(out) in err[0], err
+
+
+# ---- the evaluation leads with what decides it -----------------------------------------------------------------------
+
+def _est(v: float, lo: float, hi: float) -> dict:
+    return {"value": v, "low": lo, "high": hi}
+
+
+def _row(label: str, better: str, a: tuple, b: tuple, winner, decisive: bool) -> dict:
+    from finetune.evaluation.stats import BETTER_TEXT
+
+    text = ("equal" if winner is None else f"{winner} better; difference outside its 95% interval" if decisive
+            else f"{winner} better, but within noise (the difference's 95% interval includes 0)")
+    return {"label": label, "computed": True, "better": better, "better_text": BETTER_TEXT[better], "note": "",
+            "n": {"generated": 8, "reference": 8, "judged": 8}, "values": {"base": _est(*a), "finetuned": _est(*b)},
+            "difference": {"value": b[0] - a[0], "low": -0.1, "high": 0.1},
+            "verdict": {"better": winner, "decisive": decisive, "overlap": True, "text": text}}
+
+
+def _demo_like(with_checker: bool) -> dict:
+    """The demo's numbers: KID 0.175 (base) vs 0.186 (fine-tune) within noise; colour following 0 -> 0.5, decisive."""
+    data = {"kind": "eval", "run": "/x/run", "headline": "kid",
+            "models": {"base": {"title": "base"}, "finetuned": {"title": "fine-tuned"}},
+            "metrics": {"kid": _row("KID", "lower", (0.175, 0.12, 0.23), (0.186, 0.13, 0.24), "base", False)},
+            "extra": []}
+    if with_checker:
+        data["extra"].append({"key": "caption_following", "title": "Caption following (synthetic shapes)",
+                              "note": "", "better": "higher", "level_label": "chance", "rows": {
+                                  "colour": _row("colour", "higher", (0.0, 0.0, 0.0), (0.5, 0.25, 0.75),
+                                                 "finetuned", True),
+                                  "shape": _row("shape", "higher", (0.5, 0.2, 0.8), (0.625, 0.3, 0.9),
+                                                "finetuned", False)}})
+    return data
+
+
+def test_caption_following_decides_when_the_base_has_the_checker_and_kid_says_within_noise() -> None:
+    from finetune.evaluation.report_html import headline
+    from finetune.evaluation.stats import decision
+
+    d = decision(_demo_like(True))
+    assert d["by"] == "caption_following" and d["better"] == "finetuned"
+    assert d["lines"][0].startswith("Caption following decides") and "fine-tuned is better" in d["lines"][0]
+    assert "colour 0 -> 0.5" in d["lines"][0] and "shape within noise" in d["lines"][0]
+    assert d["lines"][1].startswith("KID") and "base scores better (0.175 vs 0.186), but within noise" in d["lines"][1]
+    page = headline(_demo_like(True))
+    assert page.index("Caption following decides") < page.index("within noise")
+
+    k = decision(_demo_like(False))
+    assert k["by"] == "kid" and k["lines"] == [
+        "KID (lower is better): base scores better (0.175 vs 0.186), but within noise (the difference's 95% "
+        "interval includes 0)."]
+
+
+def test_the_command_line_table_holds_the_report_blocks(tmp_path: Path) -> None:
+    from finetune.evaluation.evaluate import Evaluation
+
+    data = _demo_like(True)
+    lines = Evaluation(data, tmp_path / "eval.json", tmp_path / "report.html", 0, 0).lines()
+    assert lines[0].startswith("Caption following decides")
+    text = "\n".join(lines)
+    assert "Caption following (synthetic shapes) (decides)" in text
+    colour = next(line for line in lines if line.startswith("colour "))
+    assert "0 [0, 0]" in colour and "0.5 [0.25, 0.75]" in colour and "outside its 95% interval" in colour
+
+
+def test_sdloop_eval_prints_the_decision_and_the_caption_following_table(tiny_run: Path, workspace: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    import shutil
+
+    import torch
+
+    class Small(torch.nn.Module):  # a fast stand-in for Inception (as in test_evaluate)
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.c = torch.nn.Conv2d(3, 8, 5, stride=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.c(x)).mean((2, 3))
+
+    feats = tmp_path / "small.pt"
+    torch.jit.save(torch.jit.script(Small().eval()), str(feats))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["eval", str(run), "--n", "4", "--steps", "2", "--features", str(feats), "--bootstrap", "50",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    import json
+
+    data = json.loads((run / "eval" / "eval.json").read_text())
+    assert data["decision"]["by"] == "caption_following", "the tiny run's prompts are synthetic-shape captions"
+    assert out.splitlines()[0] == data["decision"]["lines"][0]
+    assert "Caption following" in out and all(f"\n{col} " in out for col in data["extra"][0]["rows"])
+    page = (run / "eval" / "report.html").read_text()
+    assert page.index("Caption following decides") < page.index("<h2>Metrics</h2>")

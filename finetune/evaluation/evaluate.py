@@ -60,18 +60,34 @@ class Evaluation:
         return bool((self.metric(key).get("verdict") or {}).get("decisive"))
 
     def lines(self) -> list[str]:
-        """The metric table as text for the terminal."""
+        """The report's headline and tables as text for the terminal: the decision first, then every metric and
+        every extra block (caption following) with intervals and verdicts, as report.html shows them."""
+        from finetune.evaluation import stats as eval_stats
         from finetune.evaluation.report_html import fmt
 
         a, b = self.labels
-        out = [f"{'metric':24s} {a:>24s} {b:>24s}   verdict"]
+        titles = {k: v["title"] for k, v in self.data["models"].items()}
+        decision = self.data.get("decision") or eval_stats.decision(self.data)
+        out = list(decision["lines"]) + [""]
+
+        def cells(values: dict[str, Any]) -> list[str]:
+            return [f"{fmt(v['value'])} [{fmt(v['low'])}, {fmt(v['high'])}]" for v in (values[a], values[b])]
+
+        out.append(f"{'metric':24s} {titles[a]:>24s} {titles[b]:>24s}   verdict")
         for key, m in self.data["metrics"].items():
+            label = m["label"] + (" (decides)" if key == decision["by"] else "")
             if not m.get("computed"):
-                out.append(f"{m['label']:24s} {m['reason']}")
+                out.append(f"{label:24s} {m['reason']}")
                 continue
-            vals = [m["values"][x] for x in (a, b)]
-            cells = [f"{fmt(v['value'])} [{fmt(v['low'])}, {fmt(v['high'])}]" for v in vals]
-            out.append(f"{m['label']:24s} {cells[0]:>24s} {cells[1]:>24s}   {m['verdict']['text']}")
+            c = cells(m["values"])
+            out.append(f"{label:24s} {c[0]:>24s} {c[1]:>24s}   {m['verdict']['text']}")
+        for block in self.data.get("extra", []):
+            mark = " (decides)" if block.get("key") == decision["by"] else ""
+            out += ["", f"{block['title']}{mark}: {block['better']} is better",
+                    f"{'':24s} {titles[a]:>24s} {titles[b]:>24s}   verdict"]
+            for col, row in block["rows"].items():
+                c = cells(row["values"])
+                out.append(f"{col:24s} {c[0]:>24s} {c[1]:>24s}   {row['verdict']['text']}")
         return out
 
 
@@ -187,6 +203,7 @@ def _evaluate(kind: str, models: list[Model], gen: Generation, ref: Reference, o
         "notes": eval_stats.notes(gen.n, len(ref.images)), **extra_info,
         "seconds": {**{k: round(v, 2) for k, v in clock.items()}, "total": round(time.time() - t0, 2)},
     }
+    data["decision"] = eval_stats.decision(data)  # what the report and the command line lead with
     write_json_atomic(out_dir / "eval.json", data)
     write_text_atomic(out_dir / "report.html", write_report(data))
     data["_generated"] = sum(not g.reused for m in models for g in images[m.label])

@@ -101,7 +101,8 @@ def metric_table(data: dict[str, Any]) -> str:
     titles = {k: v["title"] for k, v in data["models"].items()}
     rows = []
     for key, m in data["metrics"].items():
-        label = _e(m["label"]) + (" <b>(headline)</b>" if key == data.get("headline") else "")
+        decides = (data.get("decision") or {}).get("by", data.get("headline"))
+        label = _e(m["label"]) + (" <b>(headline)</b>" if key == decides else "")
         better = f'<span class="small">{_e(m["better_text"])}</span>'
         if not m["computed"]:
             rows.append(f'<tr><td>{label}<br>{better}</td><td colspan="5" class="nc">{_e(m["reason"])}</td></tr>')
@@ -134,11 +135,25 @@ def extra_block(block: dict[str, Any], data: dict[str, Any]) -> str:
     head = (f"<tr><th>{_e(block['title'].split(' (')[0].lower())}</th><th>{_e(block['level_label'])}</th>"
             f"<th>reference images</th><th>{_e(titles[a])}</th><th>{_e(titles[b])}</th>"
             f"<th>difference</th><th>better</th></tr>")
-    return (f"<h2>{_e(block['title'])}</h2><p class='small'>{_e(block['note'])}; {n} images judged per model; "
+    mark = " (headline)" if (data.get("decision") or {}).get("by") == block.get("key") else ""
+    return (f"<h2>{_e(block['title'] + mark)}</h2><p class='small'>{_e(block['note'])}; {n} images judged per model; "
             f"{_e(block['better'])} is better.</p><table>{head}{''.join(rows)}</table>")
 
 
 def headline(data: dict[str, Any]) -> str:
+    """The decision's lines first (caption following when the checker judged the prompts, else KID), then KID's
+    cards; a finding within noise says so."""
+    from finetune.evaluation.stats import decision as decide
+
+    d = data.get("decision") or decide(data)
+    if d["by"] != "kid":
+        cls = "noise" if not d["better"] else ("good" if d["better"] == list(data["models"])[1] else "bad")
+        rest = "".join(f'<div class="verdict noise">{_e(line)}</div>' for line in d["lines"][1:])
+        return f'<div class="verdict {cls}">{_e(d["lines"][0])}</div>{_kid_headline(data)}{rest}'
+    return _kid_headline(data, verdict=True)
+
+
+def _kid_headline(data: dict[str, Any], verdict: bool = False) -> str:
     key = data["headline"]
     m = data["metrics"][key]
     titles = {k: v["title"] for k, v in data["models"].items()}
@@ -155,7 +170,8 @@ def headline(data: dict[str, Any]) -> str:
     text = (f"{m['label']} ({m['better_text']}): {who} is better, and the difference is outside its 95% interval."
             if v["decisive"] else f"{m['label']} ({m['better_text']}): {who} scores better, but the difference is "
                                   "within noise (its 95% interval includes 0).") if v["better"] else v["text"]
-    return f'<div class="headline">{"".join(cards)}</div><div class="verdict {cls}">{_e(text)}</div>'
+    cards_html = f'<div class="headline">{"".join(cards)}</div>'
+    return cards_html + (f'<div class="verdict {cls}">{_e(text)}</div>' if verdict else "")
 
 
 def image_grids(data: dict[str, Any]) -> str:

@@ -246,3 +246,73 @@ def notes(n: int, n_ref: int) -> list[str]:
     if n < 50:
         out.append(f"{n} images per model: intervals are wide; more images (--n) narrow them.")
     return out
+
+
+CAPTION_FOLLOWING = "caption_following"
+
+
+def _num(x: Optional[float]) -> str:
+    from finetune.evaluation.report_html import fmt
+
+    return fmt(x)
+
+
+def _metric_sentence(m: dict[str, Any], titles: dict[str, str], labels: Sequence[str]) -> str:
+    """One metric's finding: who scores better, both values, and whether it is beyond noise."""
+    a, b = labels
+    v = m.get("verdict") or {}
+    vals = f"{_num(m['values'][a]['value'])} vs {_num(m['values'][b]['value'])}"
+    if not v.get("better"):
+        return f"{m['label']} ({m['better_text']}): no difference ({vals})."
+    who = titles.get(v["better"], v["better"])
+    if v.get("decisive"):
+        return f"{m['label']} ({m['better_text']}): {who} is better ({vals}), outside its 95% interval."
+    return (f"{m['label']} ({m['better_text']}): {who} scores better ({vals}), but within noise (the difference's 95% "
+            "interval includes 0).")
+
+
+def decision(data: dict[str, Any]) -> dict[str, Any]:
+    """What decides the comparison, and what it says: the lines both the report and the command line lead with.
+
+    Caption following decides when the base has the pixel checker (the prompts are synthetic-shape captions, read
+    back from the images): it measures whether the model draws what it is asked. Otherwise KID decides. Every
+    finding says whether the difference is beyond noise (its paired 95% interval excludes 0) or within it.
+    Returns ``{"by": key, "label", "better": label or None, "decisive": bool, "lines": [...]}``.
+    """
+    labels = list(data["models"])
+    a, b = labels
+    titles = {k: v["title"] for k, v in data["models"].items()}
+    kid = data["metrics"].get("kid") or {}
+    block = next((blk for blk in data.get("extra", []) if blk.get("key") == CAPTION_FOLLOWING and blk.get("rows")),
+                 None)
+    kid_line = _metric_sentence(kid, titles, labels) if kid.get("computed") else ""
+    if block is None:
+        v = kid.get("verdict") or {}
+        return {"by": "kid", "label": "KID", "better": v.get("better"), "decisive": bool(v.get("decisive")),
+                "lines": [kid_line or "KID: not computed."]}
+    wins = {k: [] for k in labels}
+    noise = []
+    for col, row in block["rows"].items():
+        v = row.get("verdict") or {}
+        cell = (f"{col} {_num(row['values'][a]['value'])} -> {_num(row['values'][b]['value'])}")
+        if v.get("better") and v.get("decisive"):
+            wins[v["better"]].append(cell)
+        else:
+            noise.append(col)
+    if wins[b] and not wins[a]:
+        better, text = b, f"{titles[b]} is better, outside the 95% interval on {', '.join(wins[b])}"
+    elif wins[a] and not wins[b]:
+        better, text = a, f"{titles[a]} is better, outside the 95% interval on {', '.join(wins[a])}"
+    elif wins[a] and wins[b]:
+        better, text = None, (f"mixed: {titles[b]} is better on {', '.join(wins[b])}; {titles[a]} on "
+                              f"{', '.join(wins[a])} (each outside its 95% interval)")
+    else:
+        better, text = None, "no attribute differs beyond noise (every difference's 95% interval includes 0)"
+    if noise and (wins[a] or wins[b]):
+        text += f"; {', '.join(noise)} within noise"
+    lines = [f"Caption following decides (the prompts are synthetic-shape captions, read back from the pixels; "
+             f"{block['better']} is better): {text}."]
+    if kid_line:
+        lines.append(kid_line)
+    return {"by": CAPTION_FOLLOWING, "label": "Caption following", "better": better,
+            "decisive": better is not None, "lines": lines}
