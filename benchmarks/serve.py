@@ -328,7 +328,8 @@ def load_run(home: Path, store_url: str, args: argparse.Namespace,
     1 x 128x128 x 4, 1 x 256x256 x 1, 1 x 256x256 x 4 of every 8; sides capped at the model's largest), each with a
     ``--load-deadline`` s deadline; a request refused 429 is sent again after its Retry-After (at most 5 s), up to
     ``--load-retries`` times, as a polite client does; each 429 is counted. The clients stop starting requests
-    after ``--load-seconds``. Meanwhile the worker processes' resident memory is sampled. Then, with the server idle, ``--disconnects`` clients each send a long
+    after ``--load-seconds``. Meanwhile the worker processes' resident memory is sampled. Then, with the server
+    idle, ``--disconnects`` clients each send a long
     request (``--disconnect-steps`` steps at the largest side) and close the socket after 0.5 s: the steps counter
     in /metrics must stop within one step per generation, and a small request sent right after must take about what
     it takes on an idle server."""
@@ -512,7 +513,8 @@ def print_load(r: dict[str, Any]) -> None:
           f"{r['steps_at_close']:.0f} step(s) ran before the close, {r['steps_after_close']:.0f} after it (the "
           f"small request's own steps left out); the next small request took "
           f"{r['next_s']:.3f} s ({r['next_code']}, after {r['next_busy']} 429 and its Retry-After) against "
-          f"{r['idle_s']:.3f} s idle (behind abandoned generations run to the end it would wait about {-(-r['disconnects'] // 2) * steps * per_step:.0f} s)")
+          f"{r['idle_s']:.3f} s idle (behind abandoned generations run to the end it would wait about "
+          f"{-(-r['disconnects'] // 2) * steps * per_step:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
