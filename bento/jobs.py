@@ -49,6 +49,7 @@ from starlette.responses import JSONResponse, Response
 
 from bento.admission import QueueFull, WontFinish
 from bento.auth import key_of
+from bento.budget import TooLarge
 from bento.handlers import _failed, error, log_images, store_outage, unavailable
 from bento.runtime import Cancelled, DeadlineExceeded, NotReady, PromptTooLong, SizeNotSupported
 from bento.schemas import Txt2ImgRequest, Txt2ImgResponse
@@ -275,9 +276,7 @@ class JobRunner:
         except (PromptTooLong, SizeNotSupported) as e:
             self._finish(job, "failed", error=f"invalid: {e}")
             return
-        except Exception as e:  # noqa: BLE001
-            if type(e).__name__ != "TooLarge":  # the memory budget's refusal (bento/budget.py), by name
-                raise
+        except TooLarge as e:  # the worker's memory is held by something else now (a promotion loads two models)
             self._finish(job, "failed", error=f"too_large: {e}")
             return
         latency = time.monotonic() - started
@@ -355,6 +354,12 @@ async def submit(request: Any) -> Response:
         return error(400, "invalid", str(e).splitlines()[0], ENDPOINT)
     if req.seed is None:
         req.seed = secrets.randbelow(2**31)
+    try:  # what the served version cannot take is refused now, not as a failed job later
+        service.model.check_memory(req, service.model.loaded, service.model.resting_bytes())
+    except SizeNotSupported as e:
+        return error(400, "invalid", str(e), ENDPOINT)
+    except TooLarge as e:
+        return error(413, "too_large", str(e), ENDPOINT)
     if not runner.reserve():
         wait = runner.retry_after()
         resp = error(429, "busy", f"this worker's job queue is full ({runner.capacity} jobs wait, SDLOOP_JOBS); "

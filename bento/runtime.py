@@ -345,14 +345,25 @@ class ModelHolder:
             return None
         return Budget(self.memory[0], self.memory[1], loaded.cost if loaded else None)
 
+    def resting_bytes(self) -> float:
+        """What this worker holds between requests: its resident memory after the last one (or now, before any)."""
+        from bento.budget import resident_bytes
+
+        return self._rest or resident_bytes()
+
     def check_memory(self, req: Any, loaded: Optional[Loaded], resident: float) -> None:
         """Refuse (``bento.budget.TooLarge``) a request that would take this worker past its memory budget, now
-        holding ``resident`` bytes; a size outside the model's limits is ``SizeNotSupported`` first."""
-        budget = self.budget(loaded)
-        if budget is None or loaded is None:
+        holding ``resident`` bytes; a size outside the model's limits or more steps than its scheduler has is
+        ``SizeNotSupported`` (``TooManySteps``) first."""
+        if loaded is None:
             return
         width, height = loaded.size_for(req.width, req.height, self.max_side)
-        budget.check(width, height, req.num_images, resident, loaded.sides(self.max_side))
+        if req.steps > loaded.max_steps:
+            raise TooManySteps(f"steps: {loaded.tag}'s scheduler takes at most {loaded.max_steps} steps; got "
+                               f"{req.steps}")
+        budget = self.budget(loaded)
+        if budget is not None:
+            budget.check(width, height, req.num_images, resident, loaded.sides(self.max_side))
 
     def _refuse(self, tag: str, state: Any, error: BaseException) -> None:
         self._failed = (tag, state)
@@ -398,9 +409,7 @@ class ModelHolder:
 
         from bento.budget import resident_bytes
 
-        # refused before it waits: a request that cannot fit even in the memory this worker holds at rest
-        loaded = self.loaded
-        self.check_memory(req, loaded, self._rest if loaded is not None and self._rest else resident_bytes())
+        self.check_memory(req, self.loaded, self.resting_bytes())  # before it waits: it cannot fit even at rest
         self.admission.enter()  # QueueFull: too many wait already
         WAITING.set(self.admission.waiting)
         try:
@@ -433,9 +442,6 @@ class ModelHolder:
 
         self.check_memory(req, loaded, resident_bytes())  # what the worker holds now (a promotion holds two)
         req.width, req.height = loaded.size_for(req.width, req.height, self.max_side)
-        if req.steps > loaded.max_steps:
-            raise TooManySteps(f"steps: {loaded.tag}'s scheduler takes at most {loaded.max_steps} steps; got "
-                               f"{req.steps}")
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded(0, "before the first denoising step")

@@ -61,11 +61,12 @@ _INFO = Starlette(routes=[Route("/info", _info, methods=["GET"]),
 @bentoml.service(name="sdloop", workers=CONFIG.workers, threads=CONFIG.threads, traffic={"timeout": 3700})
 class SDService:
     def __init__(self) -> None:
-        from bento.budget import budget_for
+        from bento.budget import budget_for, configure_allocator
         from bento.runtime import ModelHolder, configure_threads
         from monitor.store import open_store
 
         self.config = cfg = ServeConfig.from_env()  # this worker's settings, read once
+        configure_allocator()  # large buffers go back to the system when freed (bento/budget.py)
         configure_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers))
         self.store = open_store(cfg.resolved_store_url())
         self.model = ModelHolder(backend=cfg.backend, threads=cfg.torch_threads or None, poll_s=cfg.poll_s,

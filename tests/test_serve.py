@@ -338,7 +338,8 @@ def test_default_size_is_the_native_size_and_other_sizes_stay_within_the_limits(
     info = client.get("/info").json()
     assert (info["native_width"], info["native_height"]) == (64, 64)  # the tiny base draws 64 px
     assert (info["default_width"], info["default_height"]) == (64, 64)
-    assert info["limits"] == {"side_multiple": 16, "min_side": 16, "max_side": 256, "max_tokens": 77}
+    assert info["limits"] == {"side_multiple": 16, "min_side": 16, "max_side": 256, "max_tokens": 77,
+                              "max_steps": 999}
     r = client.post("/txt2img", json={"prompt": "a red circle", "steps": 2})  # the README's curl: no size
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 64)
     assert open_store().get_generation(r.headers["x-generation-id"])["params"]["width"] == 64

@@ -118,9 +118,11 @@ def test_a_request_its_measured_steps_cannot_finish_is_refused_up_front(serving)
     assert r.status_code == 504 and r.json()["status"] == "timeout", r.text
     assert "200 steps at 256x256" in r.json()["error"] and "nothing was run" in r.json()["error"]
     assert _steps() == before
-    # another shape is not refused by a guess: it runs until its deadline, within one step
+    # a shape not measured yet is judged by the model's cost measured at load: hopeless, so refused before any step
+    # too (a shape it admits is stopped by its deadline within one step: test_serve's deadline test)
     r = serving.post("/txt2img_json", json={**TINY, "width": 240, "height": 240, "steps": 200, "timeout_s": 0.2})
-    assert r.status_code == 504 and _steps() > before
+    assert r.status_code == 504 and "predicted from the model's measured cost" in r.json()["error"], r.text
+    assert _steps() == before
     assert serving.post("/txt2img_json", json=big | {"steps": 2}).status_code == 200
 
 

@@ -108,10 +108,10 @@ def test_the_worker_measures_its_model_and_refuses_what_cannot_fit_with_413(
         assert info["source"] == "SDLOOP_MEMORY_MB" and info["memory_limit_mib"] == limit_mib
         model = CostModel(*(info["cost_model"][k] for k in ("a", "b", "sa", "sb")))
         big = {**TINY, "width": 256, "height": 256, "num_images": 4}
-        if model.bytes_for(256, 256, 4) <= (limit_mib - info["resident_mib"]) * MIB:
-            need = model.bytes_for(256, 256, 4) / MIB
-        pytest.fail(f"the measured model predicts {need:.0f} MiB for 256x256 x 4, which fits the test's budget: "
-                    "the test needs a larger request")
+        need = model.bytes_for(256, 256, 4) / MIB
+        if need <= limit_mib - info["resident_mib"]:
+            pytest.fail(f"the measured model predicts {need:.0f} MiB for 256x256 x 4, which fits the test's budget: "
+                        "the test needs a larger request")
         from bento.runtime import STEPS
 
         steps = STEPS._value.get()

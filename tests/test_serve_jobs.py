@@ -269,6 +269,11 @@ def test_bad_bodies_and_unknown_ids(serving) -> None:  # noqa: ANN001
     assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["prompt"]
     r = serving.post("/jobs", content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415
+    # what the served version cannot take is refused at submit, never a job that fails later
+    jobs_before = serving.get("/info").json()
+    r = serving.post("/jobs", json={**TINY, "width": 72, "height": 64})
+    assert r.status_code == 400 and r.json()["status"] == "invalid" and "try 64" in r.json()["error"], r.text
+    assert jobs_before["budget"]["memory_limit_mib"] > 0
     for method, path in (("GET", "/jobs/{}"), ("GET", "/jobs/{}/result"), ("DELETE", "/jobs/{}"),
                          ("POST", "/jobs/{}/cancel")):
         for job_id in (uuid.uuid4().hex, "not-an-id", "0" * 500):
