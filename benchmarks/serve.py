@@ -512,7 +512,8 @@ def print_load(r: dict[str, Any]) -> None:
           f"by the cost model) and closed the socket after 0.5 s ({r['answered']} answered before that): "
           f"{r['steps_at_close']:.0f} step(s) ran before the close, {r['steps_after_close']:.0f} after it (the "
           f"small request's own steps left out); the next small request took "
-          f"{r['next_s']:.3f} s ({r['next_code']}, after {r['next_busy']} 429 and its Retry-After) against "
+          f"{r['next_s']:.3f} s ({r['next_code']}"
+          + (f", after {r['next_busy']} 429 and its Retry-After" if r["next_busy"] else "") + ") against "
           f"{r['idle_s']:.3f} s idle (behind abandoned generations run to the end it would wait about "
           f"{-(-r['disconnects'] // 2) * steps * per_step:.0f} s)")
 
