@@ -176,10 +176,14 @@ def resident_bytes() -> float:
     return float(kib or 0) * 1024
 
 
-def give_back() -> None:
-    """Return freed heap memory to the system (glibc's ``malloc_trim``): after a large request the allocator keeps
-    freed pages otherwise, and a worker's resident memory stays at its peak."""
-    gc.collect()
+def give_back(collect: bool = False) -> None:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``: 1-11 ms): after a large request the
+    allocator keeps freed pages otherwise, and a worker's resident memory stays at its peak. ``collect`` runs a full
+    garbage collection first: only around a measurement, since under load one took 0.4-0.7 s, which after every
+    request cut the served throughput several times (benchmarks/serve.py); a request's arrays are freed by reference
+    counting anyway."""
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -209,7 +213,7 @@ class PeakMeter:
     that is not allowed, a thread sampling the resident size every 5 ms."""
 
     def __enter__(self) -> "PeakMeter":
-        give_back()
+        give_back(collect=True)
         self.before = resident_bytes()
         self._sampled, self._stop = self.before, threading.Event()
         try:
@@ -233,7 +237,7 @@ class PeakMeter:
         else:
             self.peak = float(_status_kib("VmHWM") or 0) * 1024
         self.peak = max(self.peak, self.before)
-        give_back()
+        give_back(collect=True)
 
     @property
     def extra(self) -> float:

@@ -204,6 +204,33 @@ class RunFolder:
     def write_marker(self, info: dict[str, Any]) -> None:
         write_json_atomic(self.marker, {"kind": "sdloop-run", **info})
 
+    @property
+    def eval_defaults_path(self) -> Path:
+        return self.path / "eval_defaults.json"
+
+    def write_eval_defaults(self, prompts: list[str], reference: Path, why: str) -> None:
+        """Record the prompts and reference images that evaluate this run when it has no validation split (the
+        demo's: it trains on every image and judges with the pixel checker), so `sdloop eval RUN`, `sdloop review`
+        and a retraining's comparison need no extra flags. Paths are stored absolute and relative, like the
+        manifest's."""
+        absolute, relative = portable_location(str(reference), self.path)
+        write_json_atomic(self.eval_defaults_path, {"schema": 1, "prompts": list(prompts), "reference": absolute,
+                                                    "reference_relative": relative, "why": why})
+
+    def read_eval_defaults(self) -> Optional[dict[str, Any]]:
+        """The recorded evaluation defaults ({prompts, reference: Path, why}), or None when the run has none."""
+        if not self.eval_defaults_path.is_file():
+            return None
+        d = self._read_json(self.eval_defaults_path, "evaluation defaults")
+        try:
+            prompts = [str(p) for p in d["prompts"]]
+            reference = Path(self._locate(str(d["reference"]), d.get("reference_relative"), "evaluation reference",
+                                          "pass --reference DIR"))
+        except (KeyError, TypeError):
+            raise RunFolderError(f"{self.eval_defaults_path} is damaged; delete it and pass --prompts FILE and "
+                                 "--reference DIR.") from None
+        return {"prompts": prompts, "reference": reference, "why": str(d.get("why", ""))}
+
     def require_finished(self) -> "RunFolder":
         """Return self, or raise naming the command that makes a finished run."""
         if not self.path.is_dir():

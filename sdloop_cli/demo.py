@@ -88,8 +88,13 @@ def _demo_evaluation(run_dir: Path, data: Path, concept: str, quiet: bool) -> An
     from finetune.evaluation.evaluate import evaluate_run
     from finetune.evaluation.shapecheck import eval_captions
 
-    return evaluate_run(run_dir, prompts=eval_captions(8, 1, concept=concept), reference=data, n=8,
-                        steps=20, progress=not quiet)
+    from sdloop.runfolder import RunFolder
+
+    prompts = eval_captions(8, 1, concept=concept)
+    # recorded in the run, so `sdloop eval RUN`, `sdloop review` and a retraining's comparison need no flags
+    RunFolder(run_dir).write_eval_defaults(prompts, data, why="the demo trains on every image (no validation "
+                                                              "split): its concept prompts against its images")
+    return evaluate_run(run_dir, prompts=prompts, reference=data, n=8, steps=20, progress=not quiet)
 
 
 def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:

@@ -145,3 +145,14 @@ def test_demo_runs_the_loop_offline(workspace: Path, capsys) -> None:
     grids = sorted((run / "samples").glob("*.png"))
     assert grids and Image.open(grids[-1]).size[0] >= 128
     assert RunFolder(run).manifest().to_dict()["final_step"] == 6
+    # the natural next steps need no extra flags: the demo's run (no validation split) records its evaluation
+    # prompts and reference images, which eval, review and a retraining's comparison use
+    from finetune.evaluation.inputs import default_prompts
+
+    recorded = RunFolder(run).read_eval_defaults()
+    assert recorded and recorded["reference"].is_dir() and "brown" in " ".join(recorded["prompts"])
+    assert default_prompts(RunFolder(run)) == list(dict.fromkeys(recorded["prompts"]))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n", "8", "--steps", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "decides" in out and (run / "eval" / "eval.json").is_file()

@@ -122,6 +122,9 @@ def default_prompts(run: RunFolder) -> list[str]:
     captions = _data_report_captions(run)
     prompts = list(dict.fromkeys(captions[p] for p in run.read_split()["validation"] if p in captions))
     if not prompts:
+        recorded = run.read_eval_defaults()  # a run without a validation split may say what to prompt with
+        if recorded and recorded["prompts"]:
+            return list(dict.fromkeys(recorded["prompts"]))
         raise EvalError(f"{run.path} has no validation captions to prompt with; pass --prompts FILE.")
     return prompts
 
@@ -141,6 +144,9 @@ def reference_set(run: RunFolder, reference: Optional[str | Path]) -> Reference:
     """Reference images: ``reference`` (a folder, searched recursively) or the run's validation split."""
     from finetune.data.check import load_image
 
+    recorded = run.read_eval_defaults() if reference is None and not run.read_split()["validation"] else None
+    if recorded is not None:  # no validation split, but the run's maker said which images to compare with
+        reference = recorded["reference"]
     if reference is None:
         root, files = run.dataset(), list(run.read_split()["validation"])
         captions_of = _data_report_captions(run)
