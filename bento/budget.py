@@ -199,8 +199,9 @@ def configure_allocator(mmap_threshold: int = 256 * 1024) -> bool:
     Why: glibc raises its mmap threshold after a large block is freed (up to 32 MiB), so after one large request the
     next ones' activations come from the heap, which keeps its peak; and a measurement then sees memory reused, not
     taken. A fixed threshold turns that off. Measured on the tiny export (one process, 2 busy cores): 256x256 x 4
-    peaked 262 MiB above the model instead of 396-400 MiB, resident memory came back to 595 MiB after it either way,
-    and 20 steps at 64x64 took 0.10-0.18 s with it against 0.18 s without (noise on a shared machine). Returns
+    peaked 262 MiB above the model instead of 396-400 MiB, and resident memory came back to 595 MiB after it either
+    way. It costs page faults: 10 steps at 128x128 took 0.112-0.150 s with it against 0.092-0.130 s without (three
+    alternating runs, 15-20%), where a step is a few milliseconds; SDLOOP_MMAP_THRESHOLD_KIB=0 turns it off. Returns
     whether glibc took the setting (False elsewhere: nothing changes)."""
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, mmap_threshold))

@@ -4,8 +4,8 @@ and long generations as jobs (POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DEL
 ``bentoml serve`` from the repo root (or ``sdloop serve``, which checks the settings, the store and the port first).
 Settings come from the environment so a container is configured without code; ``bento.config.ServeConfig`` reads
 and checks them (SDLOOP_WORKERS, SDLOOP_THREADS, SDLOOP_TORCH_THREADS, SDLOOP_BACKEND, SDLOOP_POLL_S,
-SDLOOP_DEADLINE_S, SDLOOP_QUEUE, SDLOOP_MEMORY_MB, SDLOOP_MEMORY_SHARE, SDLOOP_MAX_*, SDLOOP_STORE_URL,
-SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN, SDLOOP_MODEL_TAG, SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN,
+SDLOOP_DEADLINE_S, SDLOOP_QUEUE, SDLOOP_MEMORY_MB, SDLOOP_MEMORY_SHARE, SDLOOP_MMAP_THRESHOLD_KIB, SDLOOP_MAX_*,
+SDLOOP_STORE_URL, SDLOOP_IMAGE_DIR, SDLOOP_ADMIN_TOKEN, SDLOOP_MODEL_TAG, SDLOOP_AUTH, SDLOOP_RATE_LIMIT_PER_MIN,
 SDLOOP_TRUSTED_PROXIES, SDLOOP_JOBS, SDLOOP_JOB_TTL_S), and
 SDLOOP_HOME / BENTOML_HOME name the model store and champion pointer.
 """
@@ -66,7 +66,8 @@ class SDService:
         from monitor.store import open_store
 
         self.config = cfg = ServeConfig.from_env()  # this worker's settings, read once
-        configure_allocator()  # large buffers go back to the system when freed (bento/budget.py)
+        if cfg.mmap_threshold_kib:  # large buffers go back to the system when freed (bento/budget.py)
+            configure_allocator(cfg.mmap_threshold_kib * 1024)
         configure_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers))
         self.store = open_store(cfg.resolved_store_url())
         self.model = ModelHolder(backend=cfg.backend, threads=cfg.torch_threads or None, poll_s=cfg.poll_s,

@@ -140,3 +140,16 @@ def test_a_size_outside_the_models_limits_is_still_a_400_not_a_413(promoted: Cha
         assert r.status_code == 400 and r.json()["status"] == "invalid", r.text
     finally:
         c.__exit__(None, None, None)
+
+
+def test_the_budget_settings_are_checked_in_one_line() -> None:
+    from bento.config import ServeConfig
+    from sdloop.configfile import ConfigError
+
+    for env, value in (("SDLOOP_MEMORY_MB", "-1"), ("SDLOOP_MEMORY_SHARE", "0"), ("SDLOOP_MEMORY_SHARE", "1.5"),
+                       ("SDLOOP_MMAP_THRESHOLD_KIB", "-4"), ("SDLOOP_MEMORY_MB", "lots")):
+        with pytest.raises(ConfigError) as e:
+            ServeConfig.from_env({env: value})
+        assert str(e.value).startswith(f"{env}=") and "\n" not in str(e.value)
+    cfg = ServeConfig.from_env({"SDLOOP_MEMORY_MB": "2048", "SDLOOP_MMAP_THRESHOLD_KIB": "0"})
+    assert (cfg.memory_mb, cfg.mmap_threshold_kib, cfg.memory_share) == (2048, 0, 0.8)
