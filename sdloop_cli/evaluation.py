@@ -80,6 +80,8 @@ def summary_parser() -> argparse.ArgumentParser:
                                 description="the blind review's result: win rate, counts and a sign test")
     p.add_argument("review_dir", metavar="DIR", help="a review folder (`sdloop review` prints it)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--quiet", action="store_true", help="accepted as `sdloop review` takes it (a summary shows no "
+                                                        "progress)")
     p.set_defaults(func=cmd_review_summary)
     return p
 

@@ -225,6 +225,45 @@ def test_promotion_reaches_every_worker_without_failing_requests(server: dict, c
     assert seen[0][1] == start
 
 
+def _steps_run(url: str) -> float:
+    """Denoising steps the server's workers have run (their metrics summed by BentoML's multiprocess collector)."""
+    code, text = _get(url + "/metrics")
+    assert code == 200
+    return sum(float(line.split()[-1]) for line in text.decode().splitlines()
+               if line.startswith("sdloop_denoise_steps_total"))
+
+
+def test_clients_that_disconnect_cancel_their_generations_within_a_step(server: dict) -> None:
+    body = json.dumps({**TINY, "steps": 200, "width": 256, "height": 256, "timeout_s": 600}).encode()
+    before = _steps_run(server["url"])
+    sockets = []
+    for _ in range(3):  # both workers busy, one more waiting in a queue
+        s = socket.create_connection(("127.0.0.1", server["port"]), timeout=30)
+        s.sendall(b"POST /txt2img_json HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sockets.append(s)
+    wait_for(lambda: _steps_run(server["url"]) - before >= 2, timeout=60, every=0.2)  # they are denoising
+    for s in sockets:
+        s.close()
+    # within a step each: the counter stops well short of the 600 steps the three asked for, and stays there
+    wait_for(lambda: _stable(server["url"]), timeout=30, every=0.1)
+    ran = _steps_run(server["url"]) - before
+    assert ran < 300, f"{ran} steps ran for three clients that went away"
+    started = __import__("time").monotonic()
+    code, _, _ = _post(server["url"] + "/txt2img_json", TINY)  # the next caller is not kept waiting by them
+    assert code == 200 and __import__("time").monotonic() - started < 30
+    wait_for(lambda: server["log"].read_text().count("status=499") >= 3, timeout=30)  # BentoML's access log
+
+
+def _stable(url: str) -> bool:
+    import time
+
+    first = _steps_run(url)
+    time.sleep(1.0)
+    return _steps_run(url) == first
+
+
+
 def test_stopped_by_pid(server: dict) -> None:
     proc = server["proc"]
     os.kill(proc.pid, signal.SIGTERM)
@@ -295,44 +334,6 @@ def current_champion_path(champ: Champion) -> str:
     from sdloop.champion import current_champion_tag
 
     return str(model_dir(current_champion_tag())[1])
-
-
-def _steps_run(url: str) -> float:
-    """Denoising steps the server's workers have run (their metrics summed by BentoML's multiprocess collector)."""
-    code, text = _get(url + "/metrics")
-    assert code == 200
-    return sum(float(line.split()[-1]) for line in text.decode().splitlines()
-               if line.startswith("sdloop_denoise_steps_total"))
-
-
-def test_clients_that_disconnect_cancel_their_generations_within_a_step(server: dict) -> None:
-    body = json.dumps({**TINY, "steps": 200, "width": 256, "height": 256, "timeout_s": 600}).encode()
-    before = _steps_run(server["url"])
-    sockets = []
-    for _ in range(3):  # both workers busy, one more waiting in a queue
-        s = socket.create_connection(("127.0.0.1", server["port"]), timeout=30)
-        s.sendall(b"POST /txt2img_json HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        sockets.append(s)
-    wait_for(lambda: _steps_run(server["url"]) - before >= 2, timeout=60, every=0.2)  # they are denoising
-    for s in sockets:
-        s.close()
-    # within a step each: the counter stops well short of the 600 steps the three asked for, and stays there
-    wait_for(lambda: _stable(server["url"]), timeout=30, every=0.1)
-    ran = _steps_run(server["url"]) - before
-    assert ran < 300, f"{ran} steps ran for three clients that went away"
-    started = __import__("time").monotonic()
-    code, _, _ = _post(server["url"] + "/txt2img_json", TINY)  # the next caller is not kept waiting by them
-    assert code == 200 and __import__("time").monotonic() - started < 30
-    wait_for(lambda: server["log"].read_text().count("status=499") >= 3, timeout=30)  # BentoML's access log
-
-
-def _stable(url: str) -> bool:
-    import time
-
-    first = _steps_run(url)
-    time.sleep(1.0)
-    return _steps_run(url) == first
 
 
 def test_bentoml_build_without_a_champion_refuses_in_one_line(tmp_path: Path) -> None:
