@@ -15,26 +15,27 @@ Why these shapes:
   threads, no spinning, IO binding, free-dimension overrides), so the latency the gate judged is the one served. A
   version that fails its check or does not load is refused: the reason goes to ``last_error`` (/info, the 503 of a
   worker with nothing loaded) and to the log once per version and file state, and the current champion keeps
-  serving. A request's default size is the model's native one, from its manifest.
+  serving. A request's default size is the model's native one, from its manifest. Loading a version and its limits
+  live in ``bento.loading`` (re-exported here); its memory budget and measured cost in ``bento.budget``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from bento.admission import Admission
+from bento.loading import (Loaded, PromptTooLong, SizeNotSupported, TooManySteps, configure_threads,  # noqa: F401
+                           load_pipeline, model_dir, version_state)
 from sdloop.champion import MODEL_NAME, current_champion_tag, pointer_mtime
 from sdloop.errors import UserError, one_line
 
 log = logging.getLogger("sdloop.serve")
+_MEASURED: dict[tuple[Any, ...], Any] = {}  # (tag, backend, threads, max side) -> bento.budget.CostModel
 
 GENERATIONS = Counter("sdloop_generations", "Images generated", ["model_version"])
 FEEDBACK = Counter("sdloop_feedback", "Feedback accepted", ["kind"])
@@ -65,67 +66,6 @@ class NotReady(Exception):
     """No model is loaded yet (no champion promoted, or it is still loading)."""
 
 
-class PromptTooLong(ValueError):
-    """The prompt has more tokens than the text encoder takes; it is refused rather than cut silently."""
-
-
-class SizeNotSupported(ValueError):
-    """A side outside the served version's limits (its manifest's min/max side and multiple, capped by the
-    operator's SDLOOP_MAX_SIDE): its UNet halves the latent once per down block, and far from its native size it
-    draws repeated tiles."""
-
-
-class TooManySteps(SizeNotSupported):
-    """More denoising steps than the version's scheduler has timesteps (it raises IndexError deep inside)."""
-
-
-@dataclass
-class Loaded:
-    """A version ready to serve: its pipeline, its manifest, and what /info reports about how it runs here."""
-
-    tag: str
-    pipe: Any
-    backend: str
-    manifest: Any  # sdloop.exportfolder.ExportManifest
-    info: dict[str, Any] = field(default_factory=dict)
-    cost: Any = None  # bento.budget.CostModel, measured when it loads
-
-    @property
-    def native(self) -> tuple[int, int]:
-        return self.manifest.native_width, self.manifest.native_height
-
-    @property
-    def max_tokens(self) -> int:
-        return int(self.manifest.limits.get("max_tokens") or self.pipe.tokenizer.model_max_length)
-
-    @property
-    def max_steps(self) -> int:
-        """The most steps its scheduler can take: one fewer than its training timesteps (1000 for SD)."""
-        return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000)) - 1
-
-    def sides(self, max_side: int) -> tuple[int, int, int]:
-        """(smallest side, largest side, multiple) this version takes here: its manifest's limits, capped by the
-        operator's SDLOOP_MAX_SIDE."""
-        lim = self.manifest.limits
-        multiple = int(lim.get("side_multiple") or 8)
-        return int(lim.get("min_side") or multiple), min(int(lim.get("max_side") or max_side), max_side), multiple
-
-    def size_for(self, width: Optional[int], height: Optional[int], max_side: int) -> tuple[int, int]:
-        """The size to draw: the native one where the request gave none; a side outside the limits is refused
-        naming the range it may take."""
-        low, high, m = self.sides(max_side)
-        out = []
-        for name, side, native in (("width", width, self.native[0]), ("height", height, self.native[1])):
-            side = native if side is None else side
-            if side % m or not low <= side <= high:
-                near = min(max(low, round(side / m) * m), high // m * m)
-                raise SizeNotSupported(f"{name}: {self.tag} takes {low} to {high} pixels in multiples of {m} (it "
-                                       f"draws {self.native[0]}x{self.native[1]} natively, the default); got "
-                                       f"{side}, try {near}")
-            out.append(side)
-        return out[0], out[1]
-
-
 def _wait_until(acquire: Callable[..., bool], deadline: float, cancel: Optional[threading.Event],
                 slice_s: float = 0.1) -> bool:
     """``acquire(timeout=...)`` until it succeeds (True) or ``deadline`` passes (False), in slices so that a set
@@ -138,97 +78,6 @@ def _wait_until(acquire: Callable[..., bool], deadline: float, cancel: Optional[
             return True
         if left <= 0 or time.monotonic() >= deadline:
             return False
-
-
-def configure_threads(threads: int) -> int:
-    """Pin torch's threads for this worker (onnxruntime's are set per session); BentoML sets none."""
-    import torch
-
-    threads = threads or max(1, (os.cpu_count() or 1))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def model_dir(tag: str) -> tuple[str, Path]:
-    """The full tag and folder of a stored version, through BentoML's public API (``sdloop.modelstore``): the
-    workspace's store under ``sdloop serve``, the Bento's own models inside a built Bento. A missing or unreadable
-    version is ``sdloop.modelstore.StoreError`` (one line)."""
-    from sdloop.modelstore import version_path
-
-    return version_path(tag)
-
-
-def load_pipeline(tag: str, backend: str, threads: Optional[int] = None) -> Loaded:
-    """A stored version ready to serve: the export run as its manifest says (``threads``: the operator's per-worker
-    intra-op threads, None for the manifest's), or (backend ``pytorch``) its source run's PyTorch pipeline.
-
-    Either way the export folder is checked first (``verify``: hashes once per file state), so a damaged or
-    tampered version is refused with the first problem found (``ExportFolderError``, one line).
-    """
-    from sdloop.exportfolder import ExportFolder, ExportFolderError
-
-    tag, path = model_dir(tag)
-    if backend == "pytorch":
-        from sdloop.runfolder import RunFolder
-
-        manifest = ExportFolder(path).verify()
-        source = manifest.source_run.get("path")
-        if not source:
-            raise ExportFolderError(f"{tag} names no source run in its manifest, so the pytorch backend cannot "
-                                    "serve it; serve it with SDLOOP_BACKEND=onnx.")
-        started = time.perf_counter()
-        pipe = RunFolder(Path(source)).load_pipeline(lora=True)
-        pipe.fuse_lora()
-        pipe.set_progress_bar_config(disable=True)
-        import torch
-
-        info = {"providers": ["torch"], "intra_op_num_threads": torch.get_num_threads(),
-                "threads_from": "SDLOOP_TORCH_THREADS" if threads else "cores / workers",
-                "load_s": round(time.perf_counter() - started, 3)}
-    else:
-        from sdloop.exportload import open_export
-
-        opened = open_export(path, threads=threads or None)
-        pipe, manifest = opened.pipe, opened.manifest
-        info = {**opened.info(), **_session_facts(pipe),
-                "threads_from": "SDLOOP_TORCH_THREADS" if threads else "manifest"}
-    info["manifest_threads"] = manifest.runtime.get("intra_op_num_threads")
-    info["measured_latency"] = {**{k: manifest.latency.get(k) for k in ("export_s", "steps", "size", "threads")},
-                                "guidance_scale": (manifest.extra.get("checks") or {}).get("guidance_scale")}
-    return Loaded(tag, pipe, backend, manifest, info)
-
-
-def _session_facts(pipe: Any) -> dict[str, Any]:
-    """What the UNet's onnxruntime session really got (threads, spinning), read back from the session itself."""
-    session = getattr(getattr(pipe, "unet", None), "session", None)
-    if session is None:
-        return {}
-    opts = session.get_session_options()
-    try:
-        spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
-    except RuntimeError:  # not set: onnxruntime's default, which spins
-        spinning = True
-    return {"providers": list(session.get_providers()), "intra_op_num_threads": opts.intra_op_num_threads,
-            "inter_op_num_threads": opts.inter_op_num_threads, "allow_spinning": spinning,
-            "cpu_mem_arena": opts.enable_cpu_mem_arena}
-
-
-def version_state(tag: str) -> tuple[Any, ...]:
-    """A cheap key of a stored version's files (path, size, mtime, ctime, inode): a refusal is retried, and logged
-    again, only when this changes (or the pointer names another version)."""
-    try:
-        full, path = model_dir(tag)
-    except Exception as e:  # noqa: BLE001 - a version that is not in the store: its own state
-        return ("missing", one_line(e))
-    files = []
-    for dirpath, _dirs, names in os.walk(path, followlinks=False):
-        for name in names:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            files.append((os.path.join(dirpath, name), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-    return (full, tuple(sorted(files)))
 
 
 class ModelHolder:
@@ -326,12 +175,19 @@ class ModelHolder:
                         num_images_per_prompt=1, generator=torch.Generator().manual_seed(0),
                         callback_on_step_end=step, output_type="pil")
 
-        started = time.monotonic()
         from bento.budget import resident_bytes
 
+        # once per version, backend, threads and size cap in a process: a service restarted in the same process (a
+        # test's, an embedding's) draws the same model at the same cost, and a worker loads each version once anyway
+        key = (loaded.tag, self.backend, loaded.info.get("intra_op_num_threads"), self.max_side)
+        if key in _MEASURED:
+            loaded.cost = _MEASURED[key]
+            return
+        started = time.monotonic()
         low, high, multiple = loaded.sides(self.max_side)
         with self.lock:
-            loaded.cost = calibrate(run, loaded.native, multiple, high, self.memory[0] - resident_bytes())
+            loaded.cost = _MEASURED[key] = calibrate(run, loaded.native, multiple, high,
+                                                     self.memory[0] - resident_bytes())
         log.info("measured %s in %.1f s: %s", loaded.tag, time.monotonic() - started,
                  "; ".join(f"{s['width']}x{s['height']}: {s['bytes'] / 2**20:.0f} MiB, {s['seconds_per_step']:.3f} "
                            "s/step" for s in loaded.cost.samples))

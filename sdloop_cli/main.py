@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from sdloop_cli import data, demo, evaluation, keys, models, monitor, retrain, train
 from sdloop_cli.train import build_train_config  # noqa: F401 - re-exported: part of the CLI API
@@ -32,27 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (data, train, evaluation, models):
         module.add_parsers(sub, parser)
-    monitor.add_parsers(_Without(sub, "retrain"), parser)  # `retrain` is sdloop_cli.retrain's (added next)
+    monitor.add_parsers(sub, parser)
     for module in (retrain, keys, demo):
         module.add_parsers(sub, parser)
     _show_defaults(parser)
     return parser
-
-
-class _Without:
-    """The subparsers minus some names: ``sdloop_cli.monitor`` still adds a `retrain` of its own, which
-    ``sdloop_cli.retrain`` now owns; this drops that one (a parser that nothing reaches)."""
-
-    def __init__(self, sub: Any, *names: str) -> None:
-        self._sub, self._names = sub, set(names)
-
-    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        if name in self._names:
-            return argparse.ArgumentParser(prog=f"sdloop {name} (unused)", add_help=False)
-        return self._sub.add_parser(name, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sub, name)
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

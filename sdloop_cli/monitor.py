@@ -117,33 +117,6 @@ def cmd_monitor_check(args: argparse.Namespace) -> int:
     return 1 if result.decision.retrain else 0
 
 
-def cmd_retrain(args: argparse.Namespace) -> int:
-    from monitor.retrain import retrain
-
-    if _help_config(args):
-        return 0
-    if args.action == "history":
-        return cmd_retrain_history(args)
-    outcome = retrain(_config(args), trigger="manual", progress=not args.quiet)
-    for line in outcome.lines():
-        print(line)
-    return 0 if outcome.status in ("promoted", "rejected") else 1
-
-
-def cmd_retrain_history(args: argparse.Namespace) -> int:
-    from monitor.retrain_log import RetrainLog, format_history
-    from monitor.store import open_store
-
-    if args.limit < 1:
-        raise UserError(f"--limit {args.limit} must be at least 1.")
-    rows = RetrainLog(open_store()).history(limit=args.limit)
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-    else:
-        print(format_history(rows))
-    return 0
-
-
 def cmd_scheduler_start(args: argparse.Namespace) -> int:
     from monitor.scheduler import run_scheduler
 
@@ -203,13 +176,5 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_scheduler_status)
 
-    p = sub.add_parser("retrain", help="train a challenger on new evidence, compare, export, gate, promote or reject")
-    p.add_argument("action", nargs="?", choices=("run", "history"), default="run",
-                   help="run (default) one retraining now, or show the retraining history")
-    p.add_argument("--limit", type=int, default=20, help="history: the newest N retrainings (default 20)")
-    p.add_argument("--json", action="store_true", help="history: print JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _settings(p)
-    p.set_defaults(func=cmd_retrain)
     for name, group in (("monitor", p_mon), ("scheduler", p_sched)):
         group.set_defaults(group_parsers={name: group})
