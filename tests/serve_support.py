@@ -140,3 +140,18 @@ def wait_for(check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1
         time.sleep(every)
     raise AssertionError(f"condition not met within {timeout} s")
 
+
+def stop_server(proc: Any) -> None:
+    """Stop a `sdloop serve` started by a test: SIGTERM by its PID (it exec'd into the BentoML server, which stops its
+    workers), and its process group killed if it has not ended within a minute."""
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-from serve_support import Champion, promote, wait_for
+from serve_support import Champion, promote, stop_server, wait_for
 from test_serve import TINY, _client, _env, champ  # noqa: F401 - the shared fixtures (used by name)
 
 ENDED = ("done", "failed", "cancelled")
@@ -364,7 +364,6 @@ def _http(method: str, url: str, body: Optional[dict] = None) -> tuple[int, dict
 def test_jobs_across_the_workers_of_a_real_server(champ: Champion, tmp_path: Path) -> None:  # noqa: F811
     """`sdloop serve` with 2 worker processes: a job submitted to one is read, cancelled and answered through
     whichever worker each request reaches (the state is the store's, not a process's)."""
-    import signal
     import subprocess
     import sys
 
@@ -417,10 +416,4 @@ def test_jobs_across_the_workers_of_a_real_server(champ: Champion, tmp_path: Pat
         assert code == 200 and result["images"][0]["seed"] == 3
         assert _http("GET", f"{url}/jobs/{uuid.uuid4().hex}")[0] == 404
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc)

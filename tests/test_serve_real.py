@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from serve_support import Champion, promote, shared_store, wait_for
+from serve_support import Champion, promote, shared_store, stop_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64}
@@ -92,13 +92,7 @@ def server(champ: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         assert proc.poll() is None, log.read_text()[-3000:]
         yield {"url": url, "proc": proc, "log": log, "port": port, "store_url": store_url}
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)  # by its PID: `sdloop serve` exec'd into the BentoML server
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc)
 
 
 def test_sync_client_and_plain_http(server: dict, champ: Champion) -> None:
