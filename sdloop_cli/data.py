@@ -16,15 +16,19 @@ from typing import Any
 def cmd_base_tiny(args: argparse.Namespace) -> int:
     from finetune.pretraining.base import BaseModelError, write_base
 
-    weights = args.weights or ("random" if args.seed is not None else "drawing")  # a seed asks for random weights
+    from sdloop.families import family_by_name
+
+    family = family_by_name(args.family)
+    # a seed asks for random weights, and so does a family without a drawing base
+    weights = args.weights or ("random" if args.seed is not None or family.name != "sd1" else "drawing")
     if weights == "drawing" and args.seed is not None:
         raise BaseModelError("--seed draws random weights: use it with --weights random (the drawing base is the "
                              "shipped pretrained one).")
     seed = args.seed or 0
-    out = write_base(args.out_dir, weights=weights, seed=seed, overwrite=args.overwrite)
+    out = write_base(args.out_dir, weights=weights, seed=seed, overwrite=args.overwrite, family=family.name)
     what = "pretrained on synthetic shapes" if weights == "drawing" else f"random weights, seed {seed}"
-    print(f"wrote the tiny SD-1.x base ({what}) to {out}")
-    print(f"load it with StableDiffusionPipeline.from_pretrained({str(out)!r}) or pass --base {out}")
+    print(f"wrote the tiny {family.title} base ({what}) to {out}")
+    print(f"load it with {family.pipeline_class_name}.from_pretrained({str(out)!r}) or pass --base {out}")
     return 0
 
 
@@ -84,6 +88,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
                            progress=not args.quiet)
     report = result.report
     print(format_summary(report))
+    if "preference" in report.stats:  # a preference dataset: usable means usable lines, split by prompt
+        if report.preferences:
+            print(f"split (seed {cfg.split_seed}, by prompt): {len(result.train)} train / "
+                  f"{len(result.validation)} validation preferences")
+        print(f"report: {display(result.report_path)}")
+        if not report.preferences:
+            print(f"error: no usable preferences left in {display(args.data_dir)}; the report lists why each line "
+                  "was skipped.", file=sys.stderr)
+            return 1
+        return 0
     if report.items:
         print(f"split (seed {cfg.split_seed}): {len(result.train)} train / {len(result.validation)} validation")
     print(f"report: {display(result.report_path)}")
@@ -125,6 +139,9 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
                    "(fastest for tests)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of random weights (implies --weights random; default: none, the drawing weights)")
+    p.add_argument("--family", default="sd1", metavar="FAMILY",
+                   help="sd1 (default) or sdxl: a tiny SDXL pipeline (two text encoders, size/crop conditioning), "
+                   "random weights only")
     p.add_argument("--overwrite", action="store_true", help="replace a base sdloop wrote earlier (never other "
                    "folders)")
     p.set_defaults(func=cmd_base_tiny)

@@ -34,6 +34,9 @@ from finetune.data.files import (IMAGE_EXTENSIONS, METADATA_NAME, REASONS, Bad, 
                                  caption_of, display, inside, is_text, read_metadata, read_regular, walk)
 from finetune.data.images import Checked, check_image, load_image
 from finetune.data.stats import compute_stats
+from finetune.data.preference import (DOMINANT_RATER_SHARE, PREFERENCE_REASONS, PreferenceRecord,
+                                      explain_empty_preference_validation, find_preference_file, records_to_dicts,
+                                      scan_preferences, sft_items, split_preferences)
 from finetune.data.split import explain_empty_validation, hamming, phash_array, split_items
 from sdloop.atomic import write_bytes_atomic
 
@@ -58,6 +61,7 @@ class DataReport:
     stats: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     fingerprint: str = ""
+    preferences: list[dict] = field(default_factory=list)  # a preference dataset's usable lines (else empty)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data, marked with REPORT_FORMAT so later runs know the file is ours."""
@@ -78,7 +82,8 @@ class DataReport:
                 raise ValueError("not an sdloop data report")
             return cls(root=d["root"], items=[Item(**i) for i in d["items"]],
                        skipped=[Skipped(**s) for s in d["skipped"]], duplicates=d.get("duplicates", []),
-                       stats=d.get("stats", {}), config=d.get("config", {}), fingerprint=d.get("fingerprint", ""))
+                       stats=d.get("stats", {}), config=d.get("config", {}), fingerprint=d.get("fingerprint", ""),
+                       preferences=d.get("preferences", []))
         except (OSError, ValueError, KeyError, TypeError, Bad) as e:
             raise DatasetError(f"cannot read the data report {display(p)}: {e}; re-run the dataset check.") \
                 from None
@@ -208,6 +213,9 @@ def scan_dataset(root: str | Path, cfg: DataConfig | None = None, progress: bool
     """Check a dataset folder and return the report; nothing usable is reported, not raised (the CLI decides)."""
     cfg = cfg or DataConfig()
     root = _dataset_root(root)
+    pref = find_preference_file(root)
+    if pref is not None:  # pairs / thumbs: their own reader; the items are the liked images (what sft trains on)
+        return _preference_report(root, pref, cfg, progress)
     real_root = os.path.realpath(root)
     skipped: list[Skipped] = []
     images, metadata, other_files = walk(root, skipped)
@@ -243,14 +251,31 @@ def scan_dataset(root: str | Path, cfg: DataConfig | None = None, progress: bool
                       config=dataclasses.asdict(cfg), fingerprint=dataset_fingerprint(items))
 
 
+def _preference_report(root: Path, name: str, cfg: DataConfig, progress: bool) -> DataReport:
+    """A preference dataset's report: its lines' problems, the liked images as items, the preference counts."""
+    scan = scan_preferences(root, name, cfg, progress=progress)
+    items = sft_items(scan.records, scan.images)
+    stats = compute_stats(scan.stats["images_named"], items, scan.skipped, {**REASONS, **PREFERENCE_REASONS})
+    stats["preference"] = {"file": scan.file, "layout": scan.layout, "lines": scan.lines, **scan.stats}
+    if not scan.records:
+        stats["warnings"] = ["No usable preferences: fix the lines listed as skipped before training."]
+    elif scan.stats["raters"] > 1 and scan.stats["largest_rater_share"] > DOMINANT_RATER_SHARE:
+        stats["warnings"].append(f"One rater ({scan.stats['largest_rater']}) gave "
+                                 f"{scan.stats['largest_rater_share']:.0%} of the preferences: the model would "
+                                 "learn one person's taste; cap or down-weight their lines.")
+    return DataReport(root=display(root), items=items, skipped=scan.skipped, stats=stats,
+                      config=dataclasses.asdict(cfg), fingerprint=scan.fingerprint,
+                      preferences=records_to_dicts(scan.records))
+
+
 @dataclass
 class CheckResult:
     """What ``sdloop data check`` shows: the report, where it was written, and the split it implies."""
 
     report: DataReport
     report_path: Path
-    train: list[Item]
-    validation: list[Item]
+    train: list[Any]        # items, or preference records for a preference dataset
+    validation: list[Any]
 
 
 def check_dataset(data_dir: str | Path, cfg: DataConfig, requested: Optional[str], default: Path,
@@ -262,9 +287,16 @@ def check_dataset(data_dir: str | Path, cfg: DataConfig, requested: Optional[str
     """
     out = choose_report_path(data_dir, requested, default)
     report = scan_dataset(data_dir, cfg, progress=progress)
-    train, val = split_items(report.items, cfg) if report.items else ([], [])
-    report.stats["split"] = {"seed": cfg.split_seed, "train": len(train), "validation": len(val)}
-    why = explain_empty_validation(report.items, cfg) if report.items and not val else ""
+    if "preference" in report.stats:  # split by prompt, counted in preferences (lines), not images
+        records = [PreferenceRecord(**r) for r in report.preferences]
+        train, val = split_preferences(records, cfg)
+        report.stats["split"] = {"seed": cfg.split_seed, "by": "prompt", "train": len(train),
+                                 "validation": len(val)}
+        why = explain_empty_preference_validation(records, cfg) if records and not val else ""
+    else:
+        train, val = split_items(report.items, cfg) if report.items else ([], [])
+        report.stats["split"] = {"seed": cfg.split_seed, "train": len(train), "validation": len(val)}
+        why = explain_empty_validation(report.items, cfg) if report.items and not val else ""
     if why:
         report.stats.setdefault("warnings", []).append(why[0].upper() + why[1:])
     write_report(report, out)
@@ -287,11 +319,21 @@ def format_summary(report: DataReport, max_listed: int = 10) -> str:
              f", fingerprint {report.fingerprint[:12]}"]
     by_reason = counts.get("skipped_by_reason", {})
     if by_reason:
-        lines += _table("Skipped by reason", {f"{k} ({v})": REASONS.get(k, k) for k, v in by_reason.items()})
+        reasons = {**REASONS, **PREFERENCE_REASONS}
+        lines += _table("Skipped by reason", {f"{k} ({v})": reasons.get(k, k) for k, v in by_reason.items()})
         for s in report.skipped[:max_listed]:
             lines.append(f"    {display(s.path)}: {s.reason}: {display(s.detail)}")
         if len(report.skipped) > max_listed:
             lines.append(f"    ... and {len(report.skipped) - max_listed} more (see the saved report)")
+    pref = st.get("preference")
+    if pref:
+        lines += _table(f"Preferences ({pref['file']}, {pref['layout']} layout)", {
+            "lines read": pref["lines"], "usable": pref["records"],
+            "pairs": pref["pairs"], "singles": f"{pref['singles']} ({pref['desirable']} desirable, "
+                                               f"{pref['undesirable']} undesirable)",
+            "prompts": pref["prompts"],
+            "raters": f"{pref['raters']}, the largest {pref['largest_rater']} with "
+                      f"{pref['largest_rater_share']:.0%} of the lines"})
     converted = sum(1 for it in report.items if it.converted)
     if converted:
         lines.append(f"  converted on load: {converted} image(s) (mode or EXIF orientation)")

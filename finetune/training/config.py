@@ -145,6 +145,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+OBJECTIVES = ("sft", "kto", "dpo")
+# Diffusion-DPO trains SD 1.5 with beta = 5000 (Wallace et al. 2023, Section 5.1; the diffusers example uses 2500
+# to 5000); Diffusion-KTO's SD 1.5 script uses the same scale of beta on the same per-pixel MSE (Li et al. 2024)
+DEFAULT_BETA = {"dpo": 5000.0, "kto": 5000.0}
 
 
 @dataclass
@@ -201,6 +205,16 @@ class TrainConfig:
     init_lora: str = _f("", "Start the LoRA from these weights instead of a fresh draw: a finished run folder (its "
                             "LoRA) or its lora/pytorch_lora_weights.safetensors. Rank and target modules must match. "
                             "Retraining continues the champion this way.")
+    objective: str = _f("sft", f"Training objective, one of {OBJECTIVES}: sft fine-tunes on the images (of a "
+                               "preference dataset: the chosen/desirable ones); dpo is Diffusion-DPO on pairs (Wallace "
+                               "et al. 2023), kto is Diffusion-KTO on thumbs (Li et al. 2024), both against the frozen "
+                               "starting model (init_lora, else the base) as reference. dpo/kto need a preference "
+                               "dataset (preferences.jsonl).")
+    beta: float = _f(0.0, "Preference strength beta of dpo/kto (how far from the reference the model may move); "
+                          f"0 takes the objective's default ({DEFAULT_BETA}).")
+    desirable_weight: float = _f(1.0, "kto: weight lambda_D of desirable images (Li et al. 2024, Eq. 8).")
+    undesirable_weight: float = _f(1.0, "kto: weight lambda_U of undesirable images; KTO (Ethayarajh et al. 2024) "
+                                        "advises lambda_D*n_D / (lambda_U*n_U) in [1, 4/3].")
     data_config: DataConfig = field(default_factory=DataConfig,
                                     metadata={"help": "Dataset stage settings.", "prefix": "data."})
     augment: AugmentConfig = field(default_factory=AugmentConfig,
@@ -260,6 +274,14 @@ class TrainConfig:
         _check(0 <= self.cache_memory_mb <= 1 << 24, "cache_memory_mb", self.cache_memory_mb,
                "an integer in [0, 16777216] (MB)")
         _check_seed("seed", self.seed)
+        _check(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
+        _check(0.0 <= self.beta <= 1e7, "beta", self.beta, "a number in (0, 1e7], or 0 for the objective's default")
+        for name in ("desirable_weight", "undesirable_weight"):
+            _check(0.0 < getattr(self, name) <= 1000.0, name, getattr(self, name), "a number in (0, 1000]")
+
+    def preference_beta(self) -> float:
+        """beta as set, or the objective's default when it is 0 (see DEFAULT_BETA)."""
+        return self.beta or DEFAULT_BETA.get(self.objective, 0.0)
 
     # -- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
