@@ -30,6 +30,7 @@ class BaseInfo:
     fingerprint: str
     pipeline_class: str
     prediction_type: str
+    family: str = "sd1"       # sdloop.families name: sd1, sd2, sdxl
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -79,8 +80,11 @@ def base_info(source: str) -> BaseInfo:
     prediction_type = "epsilon"
     if sched_cfg.is_file():
         prediction_type = json.loads(sched_cfg.read_text()).get("prediction_type", "epsilon")
+    from sdloop.families import family_of
+
     return BaseInfo(source=source, local_dir=local, fingerprint=fingerprint_dir(local),
-                    pipeline_class=index.get("_class_name", "?"), prediction_type=prediction_type)
+                    pipeline_class=index.get("_class_name", "?"), prediction_type=prediction_type,
+                    family=family_of(local).name)
 
 
 def fingerprint_dir(path: Path) -> str:
@@ -130,15 +134,17 @@ def quiet_diffusers() -> Iterator[None]:
 
 
 def load_pipeline(source: str, torch_dtype: Any = None, device: Optional[str] = None) -> Any:
-    """Load a diffusers pipeline from a folder or hub id with the pipeline class its model_index.json names."""
-    from diffusers import DiffusionPipeline
+    """Load a diffusers pipeline from a folder or hub id with its family's pipeline class (sdloop.families)."""
+    from sdloop.families import family_of
 
     local = resolve_base(source)
     index = json.loads((local / "model_index.json").read_text())
+    family = family_of(local)
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     try:
         with quiet_diffusers():
-            pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True, **extra)
+            pipe = family.pipeline_class().from_pretrained(local, torch_dtype=torch_dtype, local_files_only=True,
+                                                           **extra)
     except Exception as e:
         raise BaseModelError(f"{local} could not be loaded as a diffusers pipeline "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
@@ -150,32 +156,35 @@ def load_pipeline(source: str, torch_dtype: Any = None, device: Optional[str] = 
 def load_components(source: str, torch_dtype: Any = None) -> dict[str, Any]:
     """Load the parts a trainer needs (UNet, VAE, text encoders, tokenizers, noise scheduler) without the pipeline.
 
-    Text encoders and tokenizers come back as lists, so SDXL's two encoders fit the same code later.
+    Text encoders and tokenizers come back as lists in the family's order (SDXL: ``text_encoder`` then
+    ``text_encoder_2``, the second with its projection), and ``family`` says how to use them.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer
+
+    from sdloop.families import family_of
 
     local = resolve_base(source)
     index = json.loads((local / "model_index.json").read_text())
+    family = family_of(local)
+    absent = [name for name in family.text_encoders if not isinstance(index.get(name), list) or index[name][0] is None]
+    if absent:
+        raise BaseModelError(f"{local} has no {absent[0]}; a {family.title} pipeline has "
+                             f"{' and '.join(family.text_encoders)} (sdloop trains text-conditioned pipelines).")
     try:
         unet = UNet2DConditionModel.from_pretrained(local, subfolder="unet", torch_dtype=torch_dtype,
                                                     local_files_only=True)
         vae = AutoencoderKL.from_pretrained(local, subfolder="vae", torch_dtype=torch_dtype, local_files_only=True)
         encoders, tokenizers = [], []
-        for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            if enc_name not in index or index[enc_name][0] is None:
-                continue
-            encoders.append(CLIPTextModel.from_pretrained(local, subfolder=enc_name, local_files_only=True,
-                                                          **({"dtype": torch_dtype} if torch_dtype else {})))
+        for i, (enc_name, tok_name) in enumerate(zip(family.text_encoders, family.tokenizers)):
+            encoders.append(family.text_encoder_class(i).from_pretrained(
+                local, subfolder=enc_name, local_files_only=True, **({"dtype": torch_dtype} if torch_dtype else {})))
             tokenizers.append(AutoTokenizer.from_pretrained(local, subfolder=tok_name, local_files_only=True,
                                                             use_fast=False))
         noise_scheduler = DDPMScheduler.from_pretrained(local, subfolder="scheduler", local_files_only=True)
     except Exception as e:
         raise BaseModelError(f"{local} could not be loaded ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); is it a complete SD pipeline?") from None
-    if not encoders:
-        raise BaseModelError(f"{local} has no text_encoder; sdloop trains text-conditioned SD pipelines.")
-    if len(encoders) > 1:
-        raise BaseModelError(f"{local} has two text encoders (SDXL); SDXL training is not supported yet.")
+                             f"{str(e).splitlines()[0] if str(e) else ''}); is it a complete {family.title} "
+                             "pipeline?") from None
     return {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers,
-            "noise_scheduler": noise_scheduler, "local_dir": local}
+            "noise_scheduler": noise_scheduler, "local_dir": local, "family": family}

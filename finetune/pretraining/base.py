@@ -1,5 +1,5 @@
 """Base pipelines: the tiny offline SD-1.x bases (random weights for fast tests; the shipped drawing base, pretrained
-on synthetic shapes, for the demo and wherever images must mean something).
+on synthetic shapes, for the demo and wherever images must mean something) and the tiny random SDXL base.
 
 The tiny base has the real SD-1.x architecture (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIP text
 encoder and tokenizer, DDPM scheduler) at a size that trains on two CPU cores. Its tokenizer vocabulary is written
@@ -19,6 +19,7 @@ from sdloop.errors import UserError
 from sdloop.pipelines import BaseModelError
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FAMILIES = ("sd1", "sdxl")  # the tiny bases: SD 1.x (random or drawing) and SDXL (random)
 MARKER = "sdloop_base.json"  # in every base sdloop writes: the only folders --overwrite may replace
 DRAWING_NAME = "tiny-drawing"
 WEIGHTS = ("drawing", "random")
@@ -111,10 +112,61 @@ def build_tiny_pipeline(seed: int = 0, vae_downsamplings: int = 3) -> Any:
     )
 
 
+def build_tiny_sdxl_pipeline(seed: int = 0) -> Any:
+    """Build a tiny SDXL pipeline in memory, random weights drawn from ``seed``; stock
+    ``StableDiffusionXLPipeline.from_pretrained`` loads what ``save_pretrained`` writes of it.
+
+    The UNet has the SD-1.x tiny base's block layout (so the benchmark compares the families' costs, not their
+    sizes), with SDXL's conditioning: cross-attention over both encoders' states concatenated (32 + 32), and
+    ``addition_embed_type="text_time"`` taking the pooled embedding of the second encoder (projection_dim 32) plus
+    six size/crop numbers of ``addition_time_embed_dim`` 8 each (``projection_class_embeddings_input_dim`` 6*8+32).
+    The scheduler is SDXL's (Euler, scaled-linear betas); the VAE and tokenizers are the SD-1.x tiny base's.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    width, projection, time_dim = 32, 32, 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2 * width, attention_head_dim=4, norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+    )
+    torch.manual_seed(seed + 1)
+    vae_channels = (16, 16, 32, 32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), block_out_channels=vae_channels, latent_channels=4,
+        layers_per_block=1, norm_num_groups=16, sample_size=64,
+    )
+    encoders = []
+    for i, cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
+        torch.manual_seed(seed + 2 + i)
+        encoders.append(cls(CLIPTextConfig(
+            bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=width, intermediate_size=37,
+            layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5, vocab_size=514,
+            max_position_embeddings=77, projection_dim=projection, hidden_act="gelu")))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
 def is_sdloop_base(path: Path) -> bool:
     """True when ``path`` is a base folder sdloop wrote (its ``sdloop_base.json`` marker names a tiny base)."""
     try:
-        return str(json.loads((Path(path) / MARKER).read_text()).get("kind", "")).startswith("tiny-sd1")
+        return str(json.loads((Path(path) / MARKER).read_text()).get("kind", "")).startswith("tiny-sd")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -145,14 +197,16 @@ def check_base_target(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def write_tiny_base(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the tiny base with random weights as a diffusers folder, atomically (a temp folder renamed into
-    place). The fastest base: tests that only need the machinery use it."""
+def write_tiny_base(out_dir: str | Path, seed: int = 0, overwrite: bool = False, family: str = "sd1") -> Path:
+    """Write the tiny base of ``family`` (sd1 or sdxl) with random weights as a diffusers folder, atomically (a
+    temp folder renamed into place). The fastest bases: tests that only need the machinery use them."""
+    if family not in FAMILIES:
+        raise BaseModelError(f"family={family!r}: the tiny base comes in {', '.join(FAMILIES)}.")
     out = check_base_target(out_dir, overwrite)
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_sdxl_pipeline(seed) if family == "sdxl" else build_tiny_pipeline(seed)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / MARKER).write_text(json.dumps({"kind": "tiny-sd1", "seed": seed}))
+        (tmp / MARKER).write_text(json.dumps({"kind": f"tiny-{family}", "family": family, "seed": seed}))
     return out
 
 
@@ -181,10 +235,16 @@ def write_drawing_base(out_dir: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def write_base(out_dir: str | Path, weights: str = "drawing", seed: int = 0, overwrite: bool = False) -> Path:
-    """``weights`` "drawing": the shipped pretrained base; "random": random weights drawn from ``seed``."""
+def write_base(out_dir: str | Path, weights: str = "drawing", seed: int = 0, overwrite: bool = False,
+               family: str = "sd1") -> Path:
+    """``weights`` "drawing": the shipped pretrained base (SD 1.x only); "random": random weights from ``seed``
+    in ``family`` (sd1 or sdxl)."""
+    if family not in FAMILIES:
+        raise BaseModelError(f"--family {family}: the tiny base comes in {', '.join(FAMILIES)}.")
     if weights == "drawing":
+        if family != "sd1":
+            raise BaseModelError(f"the drawing base is SD 1.x only; for --family {family} pass --weights random.")
         return write_drawing_base(out_dir, overwrite)
     if weights == "random":
-        return write_tiny_base(out_dir, seed, overwrite)
+        return write_tiny_base(out_dir, seed, overwrite, family)
     raise BaseModelError(f"weights={weights!r} is unknown: use one of {WEIGHTS}.")
