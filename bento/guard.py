@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 
 from bento.auth import Authenticator, client_address, presented_key
 from bento.config import ServeConfig
-from bento.schemas import FeedbackRequest, Txt2ImgRequest
+from bento.schemas import ChooseRequest, FeedbackRequest, Txt2ImgRequest
 
 log = logging.getLogger("sdloop.service")
 
@@ -40,6 +40,7 @@ ROUTES: dict[str, tuple[str, Optional[type[BaseModel]], str]] = {
     "/txt2img": ("txt2img", Txt2ImgRequest, "generate"),
     "/txt2img_json": ("txt2img_json", Txt2ImgRequest, "generate"),
     "/feedback": ("feedback", FeedbackRequest, "feedback"),
+    "/choose": ("choose", ChooseRequest, "feedback"),  # which of two candidates was kept: /feedback's rules
     "/admin/reload": ("admin_reload", None, "admin"),
     "/jobs": ("jobs", Txt2ImgRequest, "generate"),  # submit a job: checked exactly as a txt2img request is
 }

@@ -95,9 +95,9 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
     parameters with the size drawn, latency, version), and answer PNG or JSON."""
     endpoint = "txt2img" if png else "txt2img_json"
     req = Txt2ImgRequest.model_construct(**params)
-    if png and req.num_images != 1:
-        return error(400, "invalid", "num_images: the PNG endpoint returns one image; use /txt2img_json for "
-                                     "several", endpoint)
+    if png and (req.num_images != 1 or getattr(req, "candidates", 1) != 1):
+        return error(400, "invalid", "num_images/candidates: the PNG endpoint returns one image; use /txt2img_json "
+                                     "for several", endpoint)
     if req.seed is None:
         req.seed = secrets.randbelow(2**31)
     # from its arrival (stamped by the guard): the wait for one of BentoML's request threads counts against it too
@@ -154,7 +154,8 @@ def txt2img(model: ModelHolder, store: Any, params: dict[str, Any], png: bool, c
 def log_images(store: Any, config: ServeConfig, backend: str, req: Txt2ImgRequest, tag: str,
                images: list[tuple[int, Any]], latency: float, api_key_id: Optional[int]) -> list[GeneratedImage]:
     """Log every generated image (descriptors, parameters with the size drawn and its seed, latency, version, the
-    key behind it), keep its PNG, count it, and return the answer's images. Shared by the synchronous endpoints and
+    key behind it), keep its PNG, count it, and return the answer's images; two candidates (``candidates: 2``) are
+    recorded as one pair, whose id each image carries. Shared by the synchronous endpoints and
     the jobs runner (``bento/jobs.py``), so a job's images reach the monitor and retraining exactly as theirs do.
     A store error propagates (the caller answers it): an image that cannot be logged is never answered."""
     from sdloop.descriptors import image_descriptors
@@ -171,6 +172,10 @@ def log_images(store: Any, config: ServeConfig, backend: str, req: Txt2ImgReques
                              api_key_id=api_key_id)
         GENERATIONS.labels(model_version=tag).inc()
         out.append(GeneratedImage(generation_id=gid, seed=seed, image_png_base64=base64.b64encode(data).decode()))
+    if getattr(req, "candidates", 1) == 2 and len(out) == 2:  # one pair for POST /choose (bento/pairs.py)
+        pair_id = store.create_pair([o.generation_id for o in out], api_key_id=api_key_id)
+        for o in out:
+            o.pair_id = pair_id
     return out
 
 

@@ -62,12 +62,30 @@ class Txt2ImgRequest(BaseModel):
     timeout_s: Annotated[Number, Field(gt=0, le=3600, description="Deadline of this request in seconds: past it the "
                                                                  "generation is interrupted and the answer is 504.")] \
         = DEFAULT_DEADLINE_S
+    candidates: Annotated[Int, Field(ge=1, le=2, description="2: two candidates of one prompt (seed, seed+1) under "
+                                                             "one pair_id; POST /choose says which one you kept.")] \
+        = 1
+
+    @model_validator(mode="after")
+    def _candidates(self) -> "Txt2ImgRequest":
+        """Two candidates are two images of this prompt: num_images becomes 2 (1 or 2 may be sent, nothing else),
+        so the budget, the queue and the log see what is drawn."""
+        if self.candidates == 2:
+            if self.num_images not in (1, 2):
+                raise ValueError(f"candidates: 2 draws two images of one prompt; leave num_images out (got "
+                                 f"{self.num_images})")
+            if MAX_IMAGES < 2:
+                raise ValueError(f"candidates: 2 needs 2 images per request; this server allows {MAX_IMAGES} "
+                                 "(SDLOOP_MAX_IMAGES)")
+            self.num_images = 2
+        return self
 
 
 class GeneratedImage(BaseModel):
     generation_id: str = Field(description="Quote it when posting feedback.")
     seed: int
     image_png_base64: str
+    pair_id: Optional[str] = Field(None, description="With candidates: 2, the pair both images belong to.")
 
 
 class Txt2ImgResponse(BaseModel):
@@ -75,6 +93,14 @@ class Txt2ImgResponse(BaseModel):
     model_version: str
     latency_s: float
     images: list[GeneratedImage]
+    pair_id: Optional[str] = Field(None, description="With candidates: 2: quote it in POST /choose.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "Txt2ImgResponse":
+        """The images' pair id at the top too (a job's answer is built from its images alone)."""
+        if self.pair_id is None and self.images and self.images[0].pair_id:
+            self.pair_id = self.images[0].pair_id
+        return self
 
 
 class FeedbackRequest(BaseModel):
@@ -104,3 +130,25 @@ class FeedbackResponse(BaseModel):
     status: str
     feedback_id: int
     updated: bool = Field(description="True when this replaced the client's earlier feedback.")
+
+
+class ChooseRequest(BaseModel):
+    """Which of a two-candidate answer's images the caller kept. A repeat from the same client replaces its earlier
+    choice on that pair."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pair_id: Annotated[Text, Field(min_length=1, max_length=64, description="From the candidates: 2 answer.")]
+    chosen: Annotated[Text, Field(min_length=1, max_length=64, description="The generation_id of the image kept.")]
+    client_id: Annotated[Optional[Text], Field(min_length=1, max_length=200, description="Who chooses (default: the "
+                                                                                        "X-Client-Id header, else "
+                                                                                        "the key's name).")] = None
+
+
+class ChooseResponse(BaseModel):
+    status: str
+    choice_id: int
+    pair_id: str
+    chosen: str
+    rejected: str = Field(description="The other image of the pair.")
+    updated: bool = Field(description="True when this replaced the client's earlier choice on the pair.")

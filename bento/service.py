@@ -1,4 +1,5 @@
-"""The sdloop service: txt2img from the champion, every generation logged, feedback stored, admin reload, GET /info,
+"""The sdloop service: txt2img from the champion, every generation logged, feedback stored, two candidates and the
+caller's choice between them (``"candidates": 2``, POST /choose: bento/pairs.py), admin reload, GET /info,
 and long generations as jobs (POST /jobs, GET /jobs/ID, GET /jobs/ID/result, DELETE /jobs/ID: bento/jobs.py).
 
 ``bentoml serve`` from the repo root (or ``sdloop serve``, which checks the settings, the store and the port first).
@@ -27,7 +28,8 @@ from starlette.routing import Route  # noqa: E402
 
 from bento.config import ServeConfig  # noqa: E402
 from bento.guard import RequestGuard  # noqa: E402
-from bento.schemas import FeedbackRequest, FeedbackResponse, Txt2ImgRequest, Txt2ImgResponse  # noqa: E402
+from bento.schemas import (ChooseRequest, ChooseResponse, FeedbackRequest, FeedbackResponse,  # noqa: E402
+                           Txt2ImgRequest, Txt2ImgResponse)
 from sdloop.champion import current_champion_tag  # noqa: E402
 
 CONFIG = ServeConfig.from_env()  # workers and request threads are fixed when the class is declared
@@ -108,6 +110,13 @@ class SDService:
         from bento import handlers
 
         return handlers.with_status(ctx, handlers.feedback(self.store, params, ctx.request))
+
+    @bentoml.api(route="/choose", input_spec=ChooseRequest)
+    def choose(self, ctx: bentoml.Context, **params: Any) -> ChooseResponse:
+        """Say which of two candidates (``"candidates": 2``) was kept; a repeat replaces the earlier choice."""
+        from bento import handlers, pairs
+
+        return handlers.with_status(ctx, pairs.choose(self.store, params, ctx.request))
 
     @bentoml.api(route="/admin/reload")
     def admin_reload(self, ctx: bentoml.Context) -> dict:

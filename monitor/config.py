@@ -21,6 +21,7 @@ from sdloop.config_types import build_dataclass, check_types, help_field
 from sdloop.configfile import ConfigError, load_config_file
 from sdloop.overrides import apply_overrides
 
+OBJECTIVES = ("sft", "kto", "dpo")
 DRIFT_METHODS = ("psi", "wasserstein", "ks", "jensenshannon", "kl_div", "chisquare")
 CONFIG_FILE = "monitor.yaml"
 
@@ -87,6 +88,22 @@ class MonitorConfig:
                                         "gate's KID reference (at least 2, at most half; none when fewer than 4 are "
                                         "kept, and KID then does not count): the challenger is judged on images it "
                                         "did not train on.")
+    # -- preference data (objective kto or dpo) ----------------------------------------------------------------
+    objective: str = _f("sft", f"What the challenger learns, one of {OBJECTIVES}: sft fine-tunes on the champion's "
+                               "data plus well-rated generations; kto on single generations marked desirable or "
+                               "undesirable (thumbs, ratings); dpo on pairs where one image was preferred "
+                               "(two-candidate choices, review votes). kto and dpo train a LoRA starting at the "
+                               "champion's, the champion frozen as the reference (their beta and weights: "
+                               "train_overrides).")
+    desirable_rating: int = _f(4, "kto: a generation whose counted ratings average at or above this (or, unrated, "
+                                  "whose thumbs are up) is desirable; at or below drop_rating, or thumbs down, "
+                                  "undesirable; in between, left out.")
+    pair_min_raters: int = _f(1, "dpo: distinct raters a pair needs before its preference counts (a two-candidate "
+                                 "pair is chosen on by the caller who asked for it, so 1); max_rater_share still "
+                                 "caps each rater.")
+    review_dirs: list[str] = _f([], "dpo: review folders (sdloop review) whose votes become pairs; empty: every "
+                                    "folder under $SDLOOP_HOME/reviews. A vote for left or right is a pair, 'no "
+                                    "preference' none.")
     # -- retraining ----------------------------------------------------------------------------------------------
     from_champion: bool = _f(True, "Start the challenger's LoRA from the champion's weights (else from scratch).")
     train_overrides: dict = _f({}, "Training settings that replace the champion's for the challenger, e.g. "
@@ -137,6 +154,12 @@ class MonitorConfig:
         _check(1 <= self.keep_rating <= 5, "keep_rating", self.keep_rating, "a rating in [1, 5]")
         _check(1 <= self.drop_rating < self.keep_rating, "drop_rating", self.drop_rating,
                f"a rating in [1, keep_rating={self.keep_rating})")
+        _check(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
+        _check(self.drop_rating < self.desirable_rating <= 5, "desirable_rating", self.desirable_rating,
+               f"a rating in (drop_rating={self.drop_rating}, 5]")
+        _check(1 <= self.pair_min_raters <= 1000, "pair_min_raters", self.pair_min_raters, "an integer in [1, 1000]")
+        _check(all(isinstance(p, str) and p.strip() for p in self.review_dirs), "review_dirs", self.review_dirs,
+               "a list of review folders")
         _check(0 <= self.max_new_images <= 10**6, "max_new_images", self.max_new_images, "an integer in [0, 1000000]")
         _check(1 <= self.min_raters <= 1000, "min_raters", self.min_raters, "an integer in [1, 1000]")
         _check(math.isfinite(self.max_rater_share) and 0 < self.max_rater_share <= 1, "max_rater_share",

@@ -30,6 +30,10 @@ None), ``may_rate(key, generation_id)`` and ``key_made_generation(key_id, genera
 Generation jobs (schema version 5, ``monitor/store_jobs.py``; the service's ``/jobs`` routes in ``bento/jobs.py``):
 ``create_job``, ``get_job``, ``start_job``, ``job_progress``, ``finish_job``, ``cancel_job``, ``jobs_to_cancel``,
 ``touch_jobs`` and ``purge_jobs``: the state every worker and replica shares about a job.
+
+Two-candidate pairs and choices (schema version 6, ``monitor/store_pairs.py``; the service's ``candidates: 2`` and
+``POST /choose``): ``create_pair``, ``get_pair``, ``may_choose``, ``add_choice``, ``pair_choices``,
+``count_choices``: the DPO pairs of a preference retraining.
 """
 
 from __future__ import annotations
@@ -46,18 +50,20 @@ from monitor.store_engine import StoreError, advisory_lock, make_engine, private
 from monitor.store_jobs import _JobQueries
 from monitor.store_keys import SCOPES, ApiKey, ApiKeyError, _KeyQueries
 from monitor.store_log import _LogQueries
+from monitor.store_pairs import ChoiceOfAnotherKey, NotInPair, UnknownPair, _PairQueries
 from monitor.store_reads import _ReportQueries
 from monitor.store_schema import (MIGRATIONS, SCHEMA_VERSION, _now, _stamp, _utc, _versions, api_keys, failures,
-                                  feedback, generations, job_runs, jobs, metadata, reference_windows,
-                                  retrain_steps, retrains)
+                                  choices, feedback, generations, job_runs, jobs, metadata, pairs,
+                                  reference_windows, retrain_steps, retrains)
 from sdloop.errors import UserError
 
 # The tables are re-exported for tests that write rows as an old release or another process would; modules outside
 # monitor/store*.py use Store's named methods (tests/test_store.py checks it).
-__all__ = ["Store", "StoreError", "UnknownGeneration", "FeedbackOfAnotherKey", "ApiKey", "ApiKeyError", "SCOPES",
+__all__ = ["Store", "StoreError", "UnknownGeneration", "FeedbackOfAnotherKey", "UnknownPair", "NotInPair",
+           "ChoiceOfAnotherKey", "ApiKey", "ApiKeyError", "SCOPES",
            "open_store", "make_engine", "advisory_lock", "private_sqlite_file", "MIGRATIONS", "SCHEMA_VERSION",
            "metadata", "generations", "feedback", "failures", "reference_windows", "retrains", "retrain_steps",
-           "job_runs", "api_keys", "jobs"]
+           "job_runs", "api_keys", "jobs", "pairs", "choices"]
 
 
 class UnknownGeneration(KeyError):
@@ -69,9 +75,10 @@ class FeedbackOfAnotherKey(UserError):
     without a key): refused, so one key can never overwrite another's rating (the service answers 409)."""
 
 
-class Store(_ReportQueries, _LogQueries, _KeyQueries, _JobQueries):
+class Store(_ReportQueries, _LogQueries, _KeyQueries, _JobQueries, _PairQueries):
     """The monitoring database: the generation log, feedback, failures, frozen reference windows, the retraining log,
-    the scheduler's job runs, API keys and generation jobs, each read and written through a named method.
+    the scheduler's job runs, API keys, generation jobs and two-candidate pairs with their choices, each read and
+    written through a named method.
     Thread-safe; open one per process."""
 
     def __init__(self, url: Optional[str] = None, migrate: bool = True) -> None:

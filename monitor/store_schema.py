@@ -146,6 +146,34 @@ jobs = sa.Table(
 )
 
 
+# Version 6: two-candidate generations and the caller's choice between them (bento/pairs.py): the preference pairs
+# a DPO retraining learns from. A pair is two generations of one request (one prompt, two seeds); a choice is one
+# rater's pick of one of them, one row per (pair, client id), a repeat replacing it under the same key only.
+pairs = sa.Table(
+    "pairs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True, info={"since": 6}),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, index=True, info={"since": 6}),
+    sa.Column("generation_a", sa.String(36), sa.ForeignKey("generations.id", ondelete="CASCADE"), nullable=False,
+              info={"since": 6}),
+    sa.Column("generation_b", sa.String(36), sa.ForeignKey("generations.id", ondelete="CASCADE"), nullable=False,
+              info={"since": 6}),
+    sa.Column("api_key_id", sa.Integer, nullable=True, info={"since": 6}),
+)
+
+choices = sa.Table(
+    "choices", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True, info={"since": 6}),
+    sa.Column("pair_id", sa.String(32), sa.ForeignKey("pairs.id", ondelete="CASCADE"), nullable=False,
+              info={"since": 6}),
+    sa.Column("client_id", sa.String(200), nullable=False, info={"since": 6}),
+    sa.Column("chosen", sa.String(36), nullable=False, info={"since": 6}),
+    sa.Column("api_key_id", sa.Integer, nullable=True, info={"since": 6}),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, info={"since": 6}),
+    sa.Column("updated", sa.DateTime(timezone=True), nullable=False, index=True, info={"since": 6}),
+    sa.UniqueConstraint("pair_id", "client_id", name="uq_choices_pair_client"),
+)
+
+
 def _since(column: sa.Column) -> int:
     return int(column.info.get("since", 1))
 
@@ -193,9 +221,15 @@ def _v5(conn: Connection) -> None:
     _create(conn, jobs, 5)
 
 
+def _v6(conn: Connection) -> None:
+    """Version 6: two-candidate pairs and the choices between them (new tables only: older rows untouched)."""
+    _create(conn, pairs, 6)
+    _create(conn, choices, 6)
+
+
 # Ordered: MIGRATIONS[i] takes the schema from version i to i + 1. Append, never edit an applied one (``_create``
 # keeps what each one builds as it was).
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _versions = sa.Table("schema_version", sa.MetaData(),
