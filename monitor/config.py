@@ -155,6 +155,8 @@ class MonitorConfig:
         _check(1 <= self.drop_rating < self.keep_rating, "drop_rating", self.drop_rating,
                f"a rating in [1, keep_rating={self.keep_rating})")
         _check(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
+        _check(self.objective == "sft" or self.from_champion, "objective", self.objective,
+               "kto and dpo train against the champion frozen as the reference, so they need from_champion: true")
         _check(self.drop_rating < self.desirable_rating <= 5, "desirable_rating", self.desirable_rating,
                f"a rating in (drop_rating={self.drop_rating}, 5]")
         _check(1 <= self.pair_min_raters <= 1000, "pair_min_raters", self.pair_min_raters, "an integer in [1, 1000]")

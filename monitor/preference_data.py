@@ -369,3 +369,25 @@ def build_preference_data(store: Store, cfg: MonitorConfig, out_dir: Path, objec
     if say:
         say(result.summary())
     return result
+
+
+def retrain_inputs(store: Store, cfg: MonitorConfig, work: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """The data phase of a kto or dpo retraining (``monitor.retrain``): the preference folder under ``work``, the
+    held-out images beside it, in the form the later phases read (dir, record, summary, gate_dir, left_out,
+    raters)."""
+    say(f"[1/6] data: preference data ({cfg.objective}) from "
+        + ("thumbs and ratings" if cfg.objective == "kto" else "two-candidate choices and review votes")
+        + ", raters capped, a share of the preferred images held out for the gate")
+    result = build_preference_data(store, cfg, work / "data", cfg.objective, gate_dir=work / "gate-reference")
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    say(f"      {result.summary()}")
+    say(f"      {counts}; record: {result.record}")
+    if not result.counts.get("in"):
+        from sdloop.errors import UserError
+
+        raise UserError(f"no {cfg.objective} example survived the rules ({counts}); see {result.record}, or "
+                        "retrain with objective=sft")
+    return {"dir": result.data_dir, "record": str(result.record), "summary": counts, "gate_dir": result.gate_dir,
+            "gate_images": result.gate_images,
+            "left_out": {k: v for k, v in result.counts.items() if k in SINGLE_REASONS + PAIR_REASONS},
+            "raters": result.raters}

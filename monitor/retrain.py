@@ -2,7 +2,7 @@
 passes the gate.
 
 The phases read top to bottom in ``retrain``: data (the champion's data plus well-rated generations, a share of them
-held out for the gate), train (the champion's config, optionally starting from its LoRA), compare (the evaluation
+held out for the gate; with ``objective`` kto or dpo, the preference data of ``monitor.preference_data``), train (the champion's config, optionally starting from its LoRA), compare (the evaluation
 stage's paired comparison on fixed prompts and seeds, KID against the held-out generations: images neither model
 trained on), the quality gate (a worse challenger is rejected before an export is spent on it), export,
 publish (a candidate version), the export gate (parity, latency), promote. Every phase is a row in the retraining
@@ -147,8 +147,12 @@ def _phases(c: _Ctx) -> RetrainOutcome:
         reference = gate_reference(data, run_dir)
         comparison = _compare(c, run_dir, data["dir"], reference)
         quality = quality_gate(comparison.data, val, c.cfg, not_held_out=reference["not_held_out"])
+        from monitor.preference_win import caption_win_rate
+
+        win = caption_win_rate(comparison.data)  # recorded, not gated (monitor/preference_win.py says why)
+        c.say(f"      {win['text']}")
         d.update(summary="; ".join(quality.lines()), report=str(comparison.report), gate=quality.to_dict(),
-                 reference={k: v for k, v in reference.items() if k != "hashes"})
+                 reference={k: v for k, v in reference.items() if k != "hashes"}, win_rate=win)
     done = RetrainOutcome(c.rid, "rejected", [], c.champion.tag, None, run_dir, comparison.report, [quality])
     if not quality.passed:
         return _finish(c, done, quality.reasons + ["rejected before export: the challenger draws worse"])
@@ -217,6 +221,10 @@ def _finish(c: _Ctx, outcome: RetrainOutcome, reasons: list[str]) -> RetrainOutc
 def _data(c: _Ctx) -> dict[str, Any]:
     from monitor.retrain_data import build_retrain_data, left_out
 
+    if c.cfg.objective != "sft":  # kto / dpo: what users preferred (monitor/preference_data.py)
+        from monitor.preference_data import retrain_inputs
+
+        return retrain_inputs(c.log.store, c.cfg, c.work, c.say)
     c.say("[1/6] data: the champion's data plus the well-rated generations (a share held out for the gate), through "
           "the dataset check")
     result = build_retrain_data(c.champion_run, c.log.store, c.cfg, c.work / "data", progress=c.progress,
@@ -233,6 +241,8 @@ def _train_values(c: _Ctx, data_dir: Path, output: Path) -> dict[str, Any]:
     """The champion's training config, on the new data, into a new run, then the configured overrides."""
     values = _champion_config(c.champion_run)
     values.update(data=str(data_dir), output=str(output), init_lora=str(c.champion_run) if c.cfg.from_champion else "")
+    if c.cfg.objective != "sft":  # the champion's LoRA, frozen, is the reference (finetune/training/preference_run)
+        values["objective"] = c.cfg.objective
     for key, value in c.cfg.train_overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **value}
@@ -284,9 +294,11 @@ def _prompts(c: _Ctx, data_dir: Path) -> list[str]:
     try:
         return default_prompts(RunFolder(c.champion_run))
     except UserError:
-        rows = [json.loads(line) for line in (data_dir / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-        return list(dict.fromkeys(r["text"] for r in rows if r.get("text")))[:8]
+        listed = data_dir / "metadata.jsonl"
+        listed = listed if listed.is_file() else data_dir / "preferences.jsonl"  # a kto/dpo retraining's data
+        rows = [json.loads(line) for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return list(dict.fromkeys(r.get("text") or r.get("prompt") for r in rows
+                                  if r.get("text") or r.get("prompt")))[:8]
 
 
 def gate_reference(data: dict[str, Any], challenger_run: Path) -> dict[str, Any]:
