@@ -93,7 +93,7 @@ class PreferenceData:
         """One line: what went in, what was held out, what stayed out per reason."""
         c = self.counts
         skipped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in c.items()
-                            if k in SINGLE_REASONS + PAIR_REASONS and n) or "nothing"
+                            if k in SINGLE_REASONS + PAIR_REASONS + ("skipped_by_check",) and n) or "nothing"
         what = "pair(s)" if self.objective == "dpo" else "single(s)"
         return (f"Preference data ({self.objective}) {self.data_dir}: {c['in']} {what} from {c['raters']} rater(s); "
                 f"{c.get('held_out', 0)} held out for the gate; left out: {skipped}")
@@ -292,6 +292,16 @@ def _line(e: dict[str, Any], files: list[str]) -> dict[str, Any]:
     return {"prompt": e["prompt"], "chosen": chosen, "rejected": rejected, "rater": rater, "weight": e["weight"]}
 
 
+def _check(folder: Path) -> dict[str, Any]:
+    """The dataset stage's reading of the folder (what the trainer will read, ``sdloop data check``): its counts and
+    every line or image it would skip, recorded with the rest (the trainer skips them too)."""
+    from finetune.data.preference import scan_preferences
+
+    scan = scan_preferences(folder, PREFERENCES, progress=False)
+    return {"stats": {k: v for k, v in scan.stats.items() if not isinstance(v, dict)},
+            "skipped": [{"path": s.path, "reason": s.reason, "detail": s.detail} for s in scan.skipped]}
+
+
 def build_preference_data(store: Store, cfg: MonitorConfig, out_dir: Path, objective: Optional[str] = None,
                           since: Optional[dt.datetime] = None, gate_dir: Optional[Path] = None,
                           say: Optional[Callable[[str], None]] = None) -> PreferenceData:
@@ -343,8 +353,9 @@ def build_preference_data(store: Store, cfg: MonitorConfig, out_dir: Path, objec
             lines.append(_line(e, files))
         (tmp / PREFERENCES).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines),
                                        encoding="utf-8")
+        check = _check(tmp)
         counts.update({"in": len(lines), "held_out": len(held), "raters": raters["contributed"],
-                       "votes": len(votes), "examples": len(examples)})
+                       "votes": len(votes), "examples": len(examples), "skipped_by_check": len(check["skipped"])})
         record = {"format": RECORD_FORMAT, "version": 1, "objective": objective,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "since": since.isoformat() if since else None,
@@ -353,7 +364,7 @@ def build_preference_data(store: Store, cfg: MonitorConfig, out_dir: Path, objec
                                                             "pair_min_raters", "max_rater_share", "max_new_images",
                                                             "gate_holdout_share")},
                   "counts": dict(counts), "raters": raters, "gate_dir": str(gate) if gate else None,
-                  "examples": entries, "notes": notes}
+                  "examples": entries, "notes": notes, "check": check}
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n",
                                        encoding="utf-8")
         _fsync_tree(tmp)

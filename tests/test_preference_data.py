@@ -30,7 +30,7 @@ def store(request: pytest.FixtureRequest, workspace: Path) -> Any:
 def _gen(store: Store, root: Path, prompt: str, colour: tuple[int, int, int], keep: bool = True) -> str:
     path = root / "generations" / f"{prompt.replace(' ', '-')}-{colour[0]}-{colour[1]}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (16, 16), colour).save(path)
+    Image.new("RGB", (64, 64), colour).save(path)
     gid = store.log_generation(prompt=prompt, negative_prompt="", params={}, model_version="sdloop:v1",
                                latency_s=0.1, descriptors={}, image_path=str(path))
     if not keep:
@@ -43,13 +43,22 @@ def _tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(("votes.sqlite", "monitor.db"))}
 
 
+def _readable(folder: Path, pairs: int = 0, singles: int = 0) -> None:
+    """The folder is a preference dataset the dataset stage reads without a skipped line (`sdloop data check`)."""
+    from finetune.data.preference import find_preference_file, scan_preferences
+
+    scan = scan_preferences(folder, find_preference_file(folder), progress=False)
+    assert not scan.skipped, scan.skipped
+    assert (scan.stats["pairs"], scan.stats["singles"]) == (pairs, singles)
+
+
 def _review(folder: Path, n: int = 3) -> Path:
     """A review folder as `sdloop review` writes it (review.json, images), its votes cast through the review app."""
     (folder / "images").mkdir(parents=True)
     pairs = []
     for i in range(n):
         for side, c in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
-            Image.new("RGB", (16, 16), (c[0], 10 * i, c[2])).save(folder / "images" / f"{i:04d}-{side}.png")
+            Image.new("RGB", (64, 64), (c[0], 10 * i, c[2])).save(folder / "images" / f"{i:04d}-{side}.png")
         pairs.append({"id": i, "prompt": f"a red circle {i}", "seed": i, "a": f"images/{i:04d}-a.png",
                       "b": f"images/{i:04d}-b.png", "key_a": f"ka{i}", "key_b": f"kb{i}"})
     (folder / "review.json").write_text(json.dumps({"schema": "sdloop-review", "schema_version": 1, "created": "",
@@ -104,6 +113,7 @@ def test_kto_singles_from_thumbs_and_ratings(store: Store, workspace: Path, tmp_
     reasons = {e["key"]: e["reason"] for e in record["examples"]}
     assert "missing_image" in reasons[gone] and "middling" in reasons[middling]
     assert _tree(workspace / "generations") == before  # read, linked, never changed
+    _readable(data.data_dir, singles=7)
 
 
 def test_dpo_pairs_from_choices_and_review_votes(store: Store, workspace: Path, tmp_path: Path) -> None:
@@ -145,3 +155,4 @@ def test_dpo_pairs_from_choices_and_review_votes(store: Store, workspace: Path, 
     record = json.loads(data.record.read_text())
     assert any("unknown_pair" in n["reason"] for n in record["notes"])
     assert _tree(workspace) == before
+    _readable(data.data_dir, pairs=4)
