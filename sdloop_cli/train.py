@@ -24,6 +24,12 @@ TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--early-stopping-patience", "early_stopping_patience", int, "validations without improvement before stopping"),
     ("--validation-every", "validation_every", int, "steps between validations"),
     ("--mixed-precision", "mixed_precision", str, "no, fp16 or bf16"),
+    ("--objective", "objective", str, "sft (the images), dpo (pairs) or kto (thumbs); dpo/kto need a preference "
+     "dataset (preferences.jsonl)"),
+    ("--beta", "beta", float, "dpo/kto preference strength (0: the objective's default)"),
+    ("--desirable-weight", "desirable_weight", float, "kto weight of desirable images"),
+    ("--undesirable-weight", "undesirable_weight", float, "kto weight of undesirable images"),
+    ("--init-lora", "init_lora", str, "start from this run's LoRA (dpo/kto: also the frozen reference)"),
 ]
 
 

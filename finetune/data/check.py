@@ -34,7 +34,7 @@ from finetune.data.files import (IMAGE_EXTENSIONS, METADATA_NAME, REASONS, Bad, 
                                  caption_of, display, inside, is_text, read_metadata, read_regular, walk)
 from finetune.data.images import Checked, check_image, load_image
 from finetune.data.stats import compute_stats
-from finetune.data.preference import (DOMINANT_RATER_SHARE, PREFERENCE_REASONS, PreferenceRecord,
+from finetune.data.preference import (DOMINANT_RATER_SHARE, PREFERENCE_REASONS, PreferenceRecord, PreferenceScan,
                                       explain_empty_preference_validation, find_preference_file, records_to_dicts,
                                       scan_preferences, sft_items, split_preferences)
 from finetune.data.split import explain_empty_validation, hamming, phash_array, split_items
@@ -215,7 +215,7 @@ def scan_dataset(root: str | Path, cfg: DataConfig | None = None, progress: bool
     root = _dataset_root(root)
     pref = find_preference_file(root)
     if pref is not None:  # pairs / thumbs: their own reader; the items are the liked images (what sft trains on)
-        return _preference_report(root, pref, cfg, progress)
+        return preference_report(scan_preferences(root, pref, cfg, progress=progress), root, cfg)
     real_root = os.path.realpath(root)
     skipped: list[Skipped] = []
     images, metadata, other_files = walk(root, skipped)
@@ -251,9 +251,8 @@ def scan_dataset(root: str | Path, cfg: DataConfig | None = None, progress: bool
                       config=dataclasses.asdict(cfg), fingerprint=dataset_fingerprint(items))
 
 
-def _preference_report(root: Path, name: str, cfg: DataConfig, progress: bool) -> DataReport:
+def preference_report(scan: PreferenceScan, root: Path, cfg: DataConfig) -> DataReport:
     """A preference dataset's report: its lines' problems, the liked images as items, the preference counts."""
-    scan = scan_preferences(root, name, cfg, progress=progress)
     items = sft_items(scan.records, scan.images)
     stats = compute_stats(scan.stats["images_named"], items, scan.skipped, {**REASONS, **PREFERENCE_REASONS})
     stats["preference"] = {"file": scan.file, "layout": scan.layout, "lines": scan.lines, **scan.stats}

@@ -159,6 +159,10 @@ def setup_model(cfg: TrainConfig, ctx: Context, data: Data, progress: bool, even
             p.data = p.data.float()
     if cfg.init_lora:
         init_from(cfg, unet, text_encoder)
+    if cfg.objective != "sft":  # dpo/kto: the starting adapter (the champion's LoRA) frozen as the reference
+        from finetune.training.preference_run import add_reference
+
+        add_reference(unet, cfg)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:

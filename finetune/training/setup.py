@@ -121,6 +121,7 @@ class Data:
     fingerprint: str
     train_feed: Any = None
     val_feed: Any = None
+    preference: Any = None    # a dpo/kto run's records (finetune.training.preference_run.PreferenceSplit)
 
 
 UPSCALE_WARN_FACTOR = 2.0  # a training resolution more than this many times the images' typical side is warned about
@@ -161,7 +162,12 @@ def check_data(cfg: TrainConfig, run: RunFolder, resume: bool, progress: bool, e
 
     ``warn`` prints the one-line upscale warning (``upscale_warning``); the search prints it once for all trials."""
     from finetune.data.check import DataReport, DatasetError, explain_empty_validation, scan_dataset, split_items
+    from finetune.data.preference import find_preference_file
 
+    if cfg.objective != "sft" or find_preference_file(cfg.data):  # preferences: read, checked and split by prompt
+        from finetune.training.preference_run import preference_data
+
+        return preference_data(cfg, run, resume, progress, event, warn)
     with timed(event, "scan_dataset"):
         try:
             report = scan_dataset(cfg.data, cfg.data_config, progress=progress)
@@ -194,9 +200,13 @@ def build_feeds(cfg: TrainConfig, data: Data, components: dict, fingerprint: str
 
     cache_root = workspace.cache_dir()
     data.train_feed = TrainingFeed(data.train_items, Path(cfg.data), cfg, components, fingerprint, cache_root,
-                                   ctx.device, train=True, progress=progress)
+                                   ctx.device, train=data.preference is None, progress=progress)
     data.val_feed = TrainingFeed(data.val_items, Path(cfg.data), cfg, components, fingerprint, cache_root,
                                  ctx.device, train=False, progress=progress)
     with ctx.accelerator.main_process_first(), timed(event, "cache_build"):
         data.train_feed.prepare()
         data.val_feed.prepare()
+    if data.preference is not None:  # dpo/kto: batches of records (pairs, thumbs) over the un-augmented images
+        from finetune.training.preference_run import wrap_feeds
+
+        wrap_feeds(cfg, data)

@@ -108,6 +108,10 @@ def train_step(m: Any, stream: Iterator[tuple[int, int, list[int]]], step: int, 
     ``m`` is the trainer's Model (unet, text encoder, feed, optimizer, scheduler, accelerator); ``state`` gets the
     data position (epoch, pos) after the step, which a checkpoint stores.
     """
+    if cfg.objective != "sft":  # dpo/kto: pairs or thumbs against the frozen reference
+        from finetune.training.preference_run import preference_step
+
+        return preference_step(m, stream, step, cfg, state)
     acc, device = m.accelerator, m.device
     step_loss = 0.0
     seed_torch("lora-dropout", cfg.seed, step, m.rank)

@@ -26,6 +26,7 @@ from sdloop.runfolder import RunFolder
 from finetune.training.checkpoint import clean_partial, list_checkpoints, prune_checkpoints, restore_latest, save_checkpoint
 from finetune.training.config import TrainConfig
 from finetune.training.model import Model, setup_model
+from finetune.training.preference_run import validation_extras
 from finetune.training.results import append_metrics, truncate_metrics, write_results, write_start_files
 from finetune.training.setup import (Context, Data, Event, SetupError, absolute_paths, check_data, open_run_folder, start_accelerator,
                     timed)
@@ -172,6 +173,13 @@ def restore(run: RunFolder, m: Model, ctx: Context, resume: bool) -> tuple[Train
 def validate(m: Model, data: Data, cfg: TrainConfig, hooks: TrainHooks) -> float:
     """The fixed-noise validation loss over every process's shard (the same number on every process)."""
     start = time.time()
+    if data.preference is not None:  # dpo/kto: the objective on the validation split (preference_run)
+        from finetune.training.preference_run import validate_preference
+
+        val = validate_preference(m, data, cfg)
+        if hooks.event is not None:
+            hooks.event("eval", start, time.time(), val)
+        return val
     mine = data.val_feed.epoch_batches(0)[m.rank::m.world]
     with maybe_ema(m.ema):
         total, count = validation_loss_sum(m.raw_unet, m.noise_scheduler, data.val_feed, data.val_items,
@@ -241,7 +249,7 @@ def loop(cfg: TrainConfig, run: RunFolder, ctx: Context, data: Data, m: Model, s
 
     if step == 0 and data.val_items:  # the base model's level: the curve starts where training starts
         v0 = validate(m, data, cfg, hooks)
-        log({"step": 0, "val_loss": v0})
+        log({"step": 0, "val_loss": v0, **validation_extras(data)})
         if tb:
             tb.add_scalar("loss/val", v0, 0)
     # a run that stopped early stays stopped; one that reached max_steps continues if max_steps was raised
@@ -278,7 +286,7 @@ def loop(cfg: TrainConfig, run: RunFolder, ctx: Context, data: Data, m: Model, s
                 with timed(hooks.event, "save_best"):
                     save_safetensors(run.best_lora_checkpoint, m.result_weights(), {"step": str(step)})
             log({"step": step, "val_loss": val, "train_loss_mean": train_mean, "train_val_gap": val - train_mean,
-                 "best_val_loss": state.best_val, "best_step": state.best_step})
+                 "best_val_loss": state.best_val, "best_step": state.best_step, **validation_extras(data)})
             if tb:
                 tb.add_scalar("loss/val", val, step)
         if last and not state.stop_reason:
