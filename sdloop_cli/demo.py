@@ -56,6 +56,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"      scores: {result.run_dir / 'concept_check.json'}")
         print(f"[5/{TOTAL}] eval: FID/KID against the demo images, image statistics, caption following, base vs LoRA")
         evaluation = _demo_evaluation(result.run_dir, data, concept, quiet=args.quiet)
+        for line in (evaluation.data.get("decision") or {}).get("lines", []):
+            print(f"      {line}")   # what decides the comparison (caption following here), and whether it is noise
         print(f"      report: {evaluation.report}")
         print(f"[6/{TOTAL}] export: fuse the LoRA, ONNX with optimum, parity against PyTorch, publish and promote")
         from export import demo_step

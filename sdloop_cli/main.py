@@ -66,6 +66,11 @@ TWO_WORD: dict[tuple[str, str], Callable[[], argparse.ArgumentParser]] = {
 }
 
 
+# commands whose work is torch on the CPU: they run on the free cores (sdloop/threads.py; SDLOOP_CPU_THREADS to
+# choose), since a thread waiting for a core that other work holds stalls every step (demo and pretrain choose theirs)
+TORCH_COMMANDS = {"train", "tune", "eval", "review", "retrain"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _env_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -81,6 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (groups.get(args.command) or build_parser()).print_help(sys.stderr)
         return 2
     try:
+        if args.command in TORCH_COMMANDS and getattr(args, "threads", None) is None:
+            from sdloop.threads import apply_threads
+
+            apply_threads()
         return func(args)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

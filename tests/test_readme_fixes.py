@@ -208,3 +208,27 @@ def test_sdloop_eval_prints_the_decision_and_the_caption_following_table(tiny_ru
     assert "Caption following" in out and all(f"\n{col} " in out for col in data["extra"][0]["rows"])
     page = (run / "eval" / "report.html").read_text()
     assert page.index("Caption following decides") < page.index("<h2>Metrics</h2>")
+
+
+# ---- threads: the commands run on the free cores --------------------------------------------------------------------
+@pytest.mark.parametrize("cores,load,threads", [(2, 0.0, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 3.5, 1), (8, 2.2, 6),
+                                                (1, 0.0, 1), (4, 0.4, 4)])
+def test_commands_take_the_cores_the_load_leaves(cores: int, load: float, threads: int) -> None:
+    from sdloop.threads import free_cores
+
+    assert free_cores(cores, load) == threads
+
+
+def test_sdloop_cpu_threads_sets_them_and_a_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import torch
+
+    from sdloop.threads import choose_threads
+
+    monkeypatch.setenv("SDLOOP_CPU_THREADS", "3")
+    assert choose_threads() == 3 and choose_threads(1) == 1
+    before = torch.get_num_threads()
+    monkeypatch.setenv("SDLOOP_CPU_THREADS", "two")
+    assert main(["eval", "no-such-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SDLOOP_CPU_THREADS='two'") and err.count("\n") == 1
+    assert torch.get_num_threads() == before
