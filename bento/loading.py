@@ -19,7 +19,8 @@ from sdloop.errors import one_line
 
 
 class PromptTooLong(ValueError):
-    """The prompt has more tokens than the text encoder takes; it is refused rather than cut silently."""
+    """The prompt has more tokens than a text encoder takes (SDXL: either of its two); it is refused rather than cut
+    silently."""
 
 
 class SizeNotSupported(ValueError):
@@ -42,14 +43,27 @@ class Loaded:
     manifest: Any  # sdloop.exportfolder.ExportManifest
     info: dict[str, Any] = field(default_factory=dict)
     cost: Any = None  # bento.budget.CostModel, measured when it loads
+    family: str = "sd1"  # sdloop.families: its tokenizers, ORT class and native size come from it
 
     @property
     def native(self) -> tuple[int, int]:
         return self.manifest.native_width, self.manifest.native_height
 
     @property
+    def tokenizers(self) -> list[Any]:
+        """The pipeline's tokenizers, one per text encoder of its family (SDXL: two, and a prompt must fit both)."""
+        from sdloop.families import family_by_name
+
+        found = [getattr(self.pipe, name, None) for name in family_by_name(self.family).tokenizers]
+        return [t for t in found if t is not None]
+
+    @property
     def max_tokens(self) -> int:
-        return int(self.manifest.limits.get("max_tokens") or self.pipe.tokenizer.model_max_length)
+        return int(self.manifest.limits.get("max_tokens") or min(t.model_max_length for t in self.tokenizers))
+
+    def prompt_tokens(self, text: str) -> int:
+        """The prompt's length in tokens: the most any of the family's tokenizers makes of it."""
+        return max(len(t(text, truncation=False).input_ids) for t in self.tokenizers)
 
     @property
     def max_steps(self) -> int:
@@ -111,6 +125,7 @@ def load_pipeline(tag: str, backend: str, threads: Optional[int] = None) -> Load
         from sdloop.runfolder import RunFolder
 
         manifest = ExportFolder(path).verify()
+        family = ExportFolder(path).family(manifest).name
         source = manifest.source_run.get("path")
         if not source:
             raise ExportFolderError(f"{tag} names no source run in its manifest, so the pytorch backend cannot "
@@ -128,13 +143,14 @@ def load_pipeline(tag: str, backend: str, threads: Optional[int] = None) -> Load
         from sdloop.exportload import open_export
 
         opened = open_export(path, threads=threads or None)
-        pipe, manifest = opened.pipe, opened.manifest
+        pipe, manifest, family = opened.pipe, opened.manifest, opened.family
         info = {**opened.info(), **_session_facts(pipe),
                 "threads_from": "SDLOOP_TORCH_THREADS" if threads else "manifest"}
+    info["family"] = family
     info["manifest_threads"] = manifest.runtime.get("intra_op_num_threads")
     info["measured_latency"] = {**{k: manifest.latency.get(k) for k in ("export_s", "steps", "size", "threads")},
                                 "guidance_scale": (manifest.extra.get("checks") or {}).get("guidance_scale")}
-    return Loaded(tag, pipe, backend, manifest, info)
+    return Loaded(tag, pipe, backend, manifest, info, family=family)
 
 
 def _session_facts(pipe: Any) -> dict[str, Any]:

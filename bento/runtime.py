@@ -290,7 +290,7 @@ class ModelHolder:
         if loaded is None:
             raise NotReady(self.last_error or "no champion model is loaded yet")
         for field_name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            n = len(loaded.pipe.tokenizer(text, truncation=False).input_ids)
+            n = loaded.prompt_tokens(text)
             if n > loaded.max_tokens:
                 raise PromptTooLong(f"{field_name} has {n} tokens; the text encoder takes at most "
                                     f"{loaded.max_tokens}: shorten it")

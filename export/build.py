@@ -164,16 +164,23 @@ def _parity(tmp: Path, cfg: ExportConfig, rt: dict[str, Any], cases: list, extra
 
 @dataclass
 class _Shape:
-    """What the PyTorch pipeline says about the sizes its export takes (read before the pipeline is dropped)."""
+    """What the PyTorch pipeline says about its export (read before the pipeline is dropped): its family and sizes."""
 
     side_multiple: int   # a side must be a multiple of it: the VAE's scale times the UNet's downsamplings
-    max_tokens: int      # the text encoder's prompt length
+    max_tokens: int      # the prompt length every text encoder takes (SDXL: both tokenizers', the smaller)
+    family: str          # sdloop.families: picks the ORT class and the components the export must hold
 
     @classmethod
-    def of(cls, pipe: Any) -> "_Shape":
+    def of(cls, pipe: Any, family_name: Optional[str] = None) -> "_Shape":
+        """``family_name``: the run's base's family (it tells sd2 from sd1, which a pipeline's class does not)."""
+        from sdloop.families import family_by_name, family_of
+
+        family = family_by_name(family_name) if family_name else \
+            family_of({**dict(pipe.config), "_class_name": type(pipe).__name__})
         blocks = len(getattr(pipe.unet.config, "block_out_channels", None) or [0])
-        return cls(int(getattr(pipe, "vae_scale_factor", 8)) * 2 ** max(0, blocks - 1),
-                   int(pipe.tokenizer.model_max_length))
+        tokens = [int(getattr(pipe, name).model_max_length) for name in family.tokenizers
+                  if getattr(pipe, name, None) is not None]
+        return cls(int(getattr(pipe, "vae_scale_factor", 8)) * 2 ** max(0, blocks - 1), min(tokens), family.name)
 
 
 def _manifest(tmp: Path, export_id: str, cfg: ExportConfig, source: dict[str, Any], size: int, shape: _Shape,
@@ -187,7 +194,7 @@ def _manifest(tmp: Path, export_id: str, cfg: ExportConfig, source: dict[str, An
     from sdloop.provenance import git_commit, package_versions
 
     pt_lat, ort_lat = latency
-    extra = {k: v for k, v in source.items() if k != "source_run"}
+    extra = {k: v for k, v in source.items() if k not in ("source_run", "family")}
     extra.update({
         "checks": {"prompts": list(cfg.prompts), "seeds": list(cfg.seeds), "steps": cfg.steps, "size": size,
                    "guidance_scale": cfg.guidance_scale},
@@ -196,7 +203,7 @@ def _manifest(tmp: Path, export_id: str, cfg: ExportConfig, source: dict[str, An
     })
     return ExportManifest(
         export_id=export_id, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), target=cfg.target,
-        precision=str(cfg.precision), native_width=size, native_height=size,
+        precision=str(cfg.precision), native_width=size, native_height=size, family=shape.family,
         limits=limits_for(size, shape.side_multiple, shape.max_tokens), runtime=rt, files=file_table(tmp),
         source_run=dict(source.get("source_run") or {}),
         parity={**figures, "tolerance": tolerance, "passed": True},
@@ -210,8 +217,8 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
                     progress: bool = True) -> ExportResult:
     """Fuse ``pipe``'s LoRA, export, optimise, check and write ``output`` atomically (see the module docstring).
 
-    ``source`` goes into the manifest as it is (the run it came from); ``size`` is the check images' side and the
-    export's native size.
+    ``source`` goes into the manifest as it is (the run it came from; ``family``, when given, is its base's model
+    family); ``size`` is the check images' side and the export's native size.
     """
     import gc
 
@@ -227,7 +234,7 @@ def export_pipeline(pipe: Any, output: Path, cfg: ExportConfig, source: dict[str
     output = prepare_output(output, Path(run_path) if run_path else None)
     removed = clean_leftovers(output)
     export_id = uuid.uuid4().hex
-    shape = _Shape.of(pipe)
+    shape = _Shape.of(pipe, source.get("family"))
     threads = cfg.threads or opt.default_threads()
     cases, extra = _check_cases(cfg)
     external = int(cfg.external_data_mb * 1e6)
@@ -293,11 +300,23 @@ def build_export(run_dir: Path, output: Optional[Path] = None, cfg: Optional[Exp
                        "manifest": m.to_dict()},
         "base_model": m.base_model, "base_fingerprint": m.base_fingerprint, "dataset": m.dataset,
         "dataset_fingerprint": m.dataset_fingerprint, "best_step": m.best_step, "best_val_loss": m.best_val_loss,
-        "evaluation": evaluation_summary(run.eval_dir),
+        "evaluation": evaluation_summary(run.eval_dir), "family": run_family(m),
     }
     # passed straight in: export_pipeline drops the PyTorch pipeline once exported (an SD-1.5 one is 4 GB)
     return export_pipeline(run.load_pipeline(lora=True), output, cfg, source, cfg.size or run_resolution(run),
                            progress)
+
+
+def run_family(m: Any) -> Optional[str]:
+    """The run's model family: its base's (which tells sd2 from sd1), None where the base cannot be read here (then
+    loading it fails first, in one line)."""
+    from sdloop.errors import UserError
+    from sdloop.families import family_of
+
+    try:
+        return family_of(m.base_model).name
+    except (UserError, OSError):
+        return None
 
 
 def run_resolution(run: Any) -> int:

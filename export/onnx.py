@@ -1,8 +1,9 @@
 """The ONNX export of a fused pipeline with optimum, its graphs' storage and checks, and the parity check.
 
 The export folder is optimum's ONNX pipeline layout (``unet/model.onnx``, ``text_encoder/``, ``vae_decoder/``,
-``vae_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``), so stock
-``optimum.onnxruntime.ORTStableDiffusionPipeline.from_pretrained(EXPORT_DIR)`` loads it as it is. A graph whose
+``vae_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``; SDXL adds ``text_encoder_2/`` and
+``tokenizer_2/``), so the family's stock optimum class (``ORTStableDiffusionPipeline``,
+``ORTStableDiffusionXLPipeline``) loads it with ``from_pretrained(EXPORT_DIR)`` as it is. A graph whose
 weights pass a size threshold is stored with ONNX external data in one ``model.onnx_data`` file beside it (protobuf
 cannot hold more than 2 GB, and an SD-1.5 UNet is 3.4 GB in fp32); ``onnx.checker`` then checks it by path.
 
@@ -65,7 +66,8 @@ def export_onnx(pipe: Any, out_dir: Path, opset: Optional[int] = None) -> list[s
             onnx_export_from_model(pipe, Path(out_dir), opset=opset, do_validation=False, no_post_process=True)
         except Exception as e:  # noqa: BLE001 - an architecture optimum cannot trace
             raise ExportError(f"optimum could not export this pipeline ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); sdloop exports SD-1.x pipelines.") \
+                              f"{str(e).splitlines()[0] if str(e) else ''}); sdloop exports the families in "
+                              "sdloop.families (SD 1.x, 2.x, SDXL).") \
                 from None
     return list(graph_paths(out_dir))
 

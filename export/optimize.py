@@ -3,7 +3,7 @@
 - ``cpu``: onnxruntime's graph optimisations (level EXTENDED: portable across x86 CPUs; the hardware-specific
   layout passes run at load) saved into the export, so a session starts from the optimised graph; explicit
   intra/inter-op threads; fp32, because fp16 runs slower than fp32 on the CPU provider. ``int8``: dynamic
-  quantisation of the MatMul/Gemm weights of the UNet and the text encoder, one sub-model at a time (the CPU provider
+  quantisation of the MatMul/Gemm weights of the UNet and the text encoder(s), one sub-model at a time (the CPU provider
   lacks ConvInteger for many shapes, and optimum's ORTQuantizer refuses multi-file models).
 - ``cuda``: onnxruntime's transformer/diffusion fusions and fp16, run with IO binding.
 - ``tensorrt``: onnxruntime's TensorRT execution provider with an engine cache inside the export.
@@ -30,7 +30,7 @@ from sdloop.exportload import providers_for, session_options
 TARGETS = ("cpu", "cuda", "tensorrt")
 PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp16", "fp32"), "tensorrt": ("fp16", "fp32")}
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-INT8_PARTS = ("unet", "text_encoder")
+INT8_PARTS = ("unet", "text_encoder", "text_encoder_2")   # those present: SDXL has the second encoder
 TRT_CACHE = "trt_cache"
 # Keep a no-quality-cost step (graph optimisation) when its run time is within this fraction of the original and it
 # is faster at something (run or load); int8 costs quality, so it must be strictly faster to stay.
@@ -251,7 +251,8 @@ def quantize_int8(export_dir: Path, rt: dict[str, Any], size: int, reps: int, ke
 
 # -- cuda (GPU machines only) -----------------------------------------------------------------------------------------
 
-MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
+               "text_encoder_2": "clip"}
 
 
 def optimize_cuda(export_dir: Path, precision: str, external_bytes: int,

@@ -8,9 +8,16 @@ An export folder is what ``sdloop export RUN --output DIR`` writes::
     manifest.json        the typed ExportManifest below: every file with its size and SHA-256, how to run it
                          (``runtime``), its native size and limits, the source run, the parity and latency figures
     model_index.json  unet/  text_encoder/  vae_decoder/  vae_encoder/  tokenizer/  scheduler/   optimum's layout
+                         (SDXL adds text_encoder_2/ and tokenizer_2/: what a folder must hold is its family's)
 
-Stock ``ORTStableDiffusionPipeline.from_pretrained(DIR)`` loads the folder as it is; ``sdloop.exportload`` loads it as
-the manifest says (providers, threads, no spinning, IO binding), the one loader every stage uses.
+The stock ORT pipeline of the export's model family (``ORTStableDiffusionPipeline``, ``ORTStableDiffusionXLPipeline``:
+``sdloop.families``) loads the folder as it is; ``sdloop.exportload`` loads it as the manifest says (the family's
+class, providers, threads, no spinning, IO binding), the one loader every stage uses.
+
+Why the family is checked, not only recorded: an export whose manifest names another family than its files would be
+loaded by the wrong ORT class and fail at its first request (an SDXL UNet without its pooled text embeddings) or
+serve without its second encoder; the manifest's family, the family its ``model_index.json`` names and the
+components on disk must agree, or the folder is refused in one line naming both families.
 
 Why hashes: a published version is immutable. ``ExportFolder.verify`` checks every file against the manifest (size and
 SHA-256), refuses symlinks, anything that leaves the folder, missing components and files the manifest does not list,
@@ -33,10 +40,10 @@ from sdloop.errors import UserError
 MARKER = "sdloop_export.json"
 MANIFEST = "manifest.json"
 SCHEMA = 2
-# What every export must hold to be served: optimum's pipeline index, the three graphs of txt2img, the tokenizer and
-# the scheduler config. vae_encoder is optional (img2img only).
-REQUIRED = ("model_index.json", "unet/model.onnx", "text_encoder/model.onnx", "vae_decoder/model.onnx",
-            "tokenizer/", "scheduler/")
+# What every export must hold to be served, whatever its family: optimum's pipeline index, the UNet and VAE decoder
+# graphs and the scheduler config; the family adds a graph per text encoder and a folder per tokenizer
+# (``required_for``). vae_encoder is optional (img2img only).
+REQUIRED = ("model_index.json", "unet/model.onnx", "vae_decoder/model.onnx", "scheduler/")
 # Not part of the hashed content: the manifest (it holds the table), the marker, BentoML's record of a stored version
 # (``model.yaml``, written by the store beside the export's files), and TensorRT's engine cache, which onnxruntime
 # writes beside the graphs when a session starts.
@@ -57,8 +64,11 @@ class ExportManifest:
     measured and must be run (``providers``, ``intra_op_num_threads``, ``inter_op_num_threads``, ``execution_mode``,
     ``allow_spinning``, ``use_io_binding``, optional ``free_dimension_overrides``); ``native_width``/``native_height``
     is the size it was trained and checked at (the service's default); ``limits`` holds ``side_multiple`` (a side must
-    be a multiple of it), ``min_side``, ``max_side`` and ``max_tokens``. Everything else the export stage records
-    (checks, fusion, optimisations, checker, config, packages, base model, evaluation) stays in ``extra``.
+    be a multiple of it), ``min_side``, ``max_side`` and ``max_tokens``; ``family`` is the model family
+    (``sdloop.families``: ``sd1``, ``sd2``, ``sdxl``), which picks the ORT pipeline class and the components the folder
+    must hold (None in manifests written before families: then the folder's ``model_index.json`` says). Everything
+    else the export stage records (checks, fusion, optimisations, checker, config, packages, base model, evaluation)
+    stays in ``extra``.
     """
 
     export_id: str
@@ -74,6 +84,7 @@ class ExportManifest:
     parity: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    family: Optional[str] = None
     schema_version: int = SCHEMA
     kind: str = "sdloop-export"
 
@@ -85,6 +96,8 @@ class ExportManifest:
         out = {"kind": self.kind, "schema_version": self.schema_version}
         for name in self._TYPES:
             out[name] = getattr(self, name)
+        if self.family is not None:
+            out["family"] = self.family
         return {**self.extra, **out}
 
     @classmethod
@@ -104,8 +117,12 @@ class ExportManifest:
             if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
                     and isinstance(entry.get("sha256"), str)):
                 raise ExportFolderError(f"{where}: the entry of {rel!r} has no bytes/sha256; export the run again.")
-        extra = {k: v for k, v in data.items() if k not in cls._TYPES and k not in ("kind", "schema_version")}
-        return cls(**{k: data[k] for k in cls._TYPES}, extra=extra)
+        family = data.get("family")
+        if family is not None and not isinstance(family, str):
+            raise ExportFolderError(f"{where}: family is not a string; the export is damaged, export the run again.")
+        extra = {k: v for k, v in data.items()
+                 if k not in cls._TYPES and k not in ("kind", "schema_version", "family")}
+        return cls(**{k: data[k] for k in cls._TYPES}, extra=extra, family=family)
 
 
 def sha256_file(path: Path) -> str:
@@ -212,16 +229,85 @@ class ExportFolder:
                                     "`sdloop export RUN_DIR`.") from None
         return ExportManifest.from_dict(data, str(self.manifest_path))
 
+    def index_class(self) -> Optional[str]:
+        """The pipeline class ``model_index.json`` names (optimum writes the PyTorch pipeline's), or None."""
+        try:
+            data = json.loads((self.path / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        name = data.get("_class_name") if isinstance(data, dict) else None
+        return name if isinstance(name, str) else None
+
+    def family(self, manifest: Optional[ExportManifest] = None) -> Any:
+        """The export's model family (``sdloop.families``): the manifest's, or for a manifest written before families
+        (or a folder still being built) the one its ``model_index.json`` names. One line when neither says."""
+        from sdloop import families
+
+        m = manifest
+        if m is None and self.manifest_path.is_file():
+            m = self.manifest()
+        if m is not None and m.family is not None:
+            try:
+                return families.family_by_name(m.family)
+            except families.FamilyError:
+                raise ExportFolderError(f"{self.manifest_path}: family {m.family!r} is not one this sdloop knows "
+                                        f"({', '.join(families.FAMILIES)}); export the run again.") from None
+        try:
+            return families.family_of(self.path)
+        except (UserError, OSError):
+            raise ExportFolderError(f"{self.path}: its model_index.json names no model family sdloop knows "
+                                    f"({self.index_class() or 'no pipeline class'}); export the run again.") from None
+
+    def family_problem(self, manifest: ExportManifest) -> Optional[str]:
+        """Why the manifest's family and the folder disagree (one line naming both), or None.
+
+        Three ways they can: the manifest names a family the folder's ``model_index.json`` does not (an SDXL export
+        whose manifest was edited to say sd1, or the reverse); or it names one whose parts are missing or foreign (an
+        SD-1.x export relabelled SDXL lacks ``text_encoder_2/``, an SDXL one relabelled SD-1.x holds it; the missing
+        parts are ``problems``' to name, with the family that needs them). Families with the same layout and ORT
+        class (sd1 and sd2) are not told apart by their files, so there the manifest rules.
+        """
+        from sdloop import families
+
+        if manifest.family is None:
+            return None
+        try:
+            named = self.family(manifest)
+        except ExportFolderError as e:
+            return str(e).split(": ", 1)[-1].rsplit("; ", 1)[0]
+        try:
+            found = families.family_of(self.path)
+        except (UserError, OSError):
+            found = None
+        if found is not None and _layout(found) != _layout(named):
+            return (f"its manifest says {named.name} but its files are an {found.name} export (model_index.json names "
+                    f"{self.index_class()})")
+        have = {rel.split("/", 1)[0] for rel in manifest.files}
+        for fam in families.FAMILIES.values():
+            for part in (*fam.text_encoders, *fam.tokenizers):
+                if part in have and part not in (*named.text_encoders, *named.tokenizers):
+                    return (f"its manifest says {named.name} but it holds {part}/, a part of {fam.name} exports, "
+                            f"which {named.name} has not")
+        return None
+
     def problems(self, manifest: Optional[ExportManifest] = None, hashes: bool = True) -> list[str]:
         """Everything wrong with the folder against its manifest, cheapest first; empty when it is intact."""
         m = manifest or self.manifest()
         files, problems = _walk(self.path)
-        for need in REQUIRED:
+        wrong = self.family_problem(m)
+        if wrong:
+            problems.append(wrong)
+        try:
+            family = self.family(m)
+            needed, who = required_for(family), f"an {family.name} export"
+        except ExportFolderError:  # an unknown family: named above
+            needed, who = REQUIRED, "an export"
+        for need in needed:
             if need.endswith("/"):
                 if not any(rel.startswith(need) for rel in m.files):
-                    problems.append(f"the manifest lists no {need} (an export needs it to generate)")
+                    problems.append(f"the manifest lists no {need} ({who} needs it to generate)")
             elif need not in m.files:
-                problems.append(f"the manifest lists no {need} (an export needs it to generate)")
+                problems.append(f"the manifest lists no {need} ({who} needs it to generate)")
         for rel in m.files:
             parts = Path(rel).parts
             if Path(rel).is_absolute() or ".." in parts or not parts:
@@ -248,6 +334,10 @@ class ExportFolder:
         files' state, so it is paid once per version and file state.
         """
         m = self.manifest()
+        wrong = self.family_problem(m)   # cheap, and never cached: the wrong class would load the graphs
+        if wrong:
+            raise ExportFolderError(f"{self.path}: {wrong}; export the run again with `sdloop export RUN_DIR` "
+                                    "(a manifest is never edited by hand).")
         files, walk_problems = _walk(self.path)
         try:
             key = None if walk_problems else _state_key(self.manifest_path.read_bytes(), files)
@@ -282,6 +372,17 @@ def _remember(key: str) -> None:
         path.touch()
     except OSError:
         pass
+
+
+def _layout(family: Any) -> tuple[Any, ...]:
+    """What decides how an export of ``family`` loads: its text encoders, tokenizers and ORT pipeline class."""
+    return (tuple(family.text_encoders), tuple(family.tokenizers), family.ort_pipeline_class_name)
+
+
+def required_for(family: Any) -> tuple[str, ...]:
+    """What an export of ``family`` must hold: the common parts, a graph per text encoder, a folder per tokenizer."""
+    return (*REQUIRED, *(f"{enc}/model.onnx" for enc in family.text_encoders),
+            *(f"{tok}/" for tok in family.tokenizers))
 
 
 def limits_for(native: int, side_multiple: int, max_tokens: int) -> dict[str, int]:

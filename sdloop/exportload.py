@@ -1,11 +1,13 @@
 """The one loader of an export: parity, the gate, the benchmarks, the promotion's smoke test and the service all open
 an export folder here, so all of them run it the way its manifest says and measure the same thing.
 
-``open_export(DIR)`` checks the folder (``ExportFolder.verify``), then builds optimum's ORT pipeline with the
-manifest's runtime: its providers in order (a CUDA or TensorRT export is never silently run on the CPU: a provider
-this onnxruntime lacks is one line), explicit intra/inter-op threads, sequential execution, no spinning (idle
-threads that spin steal the cores from the next session and from other workers), IO binding where the export used
-it, and any free-dimension overrides the export measured as faster. ``smoke_test`` generates one image at the
+``open_export(DIR)`` checks the folder (``ExportFolder.verify``: its files, and that its model family agrees with
+them), then builds the family's optimum ORT pipeline (``ORTStableDiffusionPipeline`` for SD 1.x/2.x,
+``ORTStableDiffusionXLPipeline`` for SDXL: ``sdloop.families``) with the manifest's runtime: its providers in order
+(a CUDA or TensorRT export is never silently run on the CPU: a provider this onnxruntime lacks is one line), explicit
+intra/inter-op threads, sequential execution, no spinning (idle threads that spin steal the cores from the next
+session and from other workers), IO binding where the export used it, and any free-dimension overrides the export
+measured as faster. ``smoke_test`` generates one image at the
 native size and refuses a model that draws nothing (non-finite or constant pixels).
 """
 
@@ -75,15 +77,16 @@ def require_providers(rt: dict[str, Any]) -> None:
 
 
 def load_ort_pipeline(export_dir: Path, providers: Sequence[Any], options: Any = None,
-                      use_io_binding: Optional[bool] = None) -> Any:
-    """optimum's ORT pipeline on an export folder with explicit providers and session options (never the hub)."""
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
-
+                      use_io_binding: Optional[bool] = None, family: Any = None) -> Any:
+    """optimum's ORT pipeline of the export's family (``family``, else the one its folder names) on an export folder,
+    with explicit providers and session options (never the hub)."""
+    family = family if family is not None else ExportFolder(export_dir).family()
+    cls = family.ort_pipeline_class()
     # "You have disabled the safety checker": optimum builds the pipeline without one, as the export has none
     logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = ORTStableDiffusionPipeline.from_pretrained(
+        pipe = cls.from_pretrained(
             str(export_dir), export=False, providers=list(providers), session_options=options,
             use_io_binding=use_io_binding, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -100,6 +103,7 @@ class OpenedExport:
     runtime: dict[str, Any]
     providers: list[str]
     load_s: float
+    family: str = "sd1"
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -108,7 +112,7 @@ class OpenedExport:
     def info(self) -> dict[str, Any]:
         """What a readiness/info endpoint reports: how this export runs here."""
         rt = self.runtime
-        return {"export_id": self.manifest.export_id, "target": self.manifest.target,
+        return {"export_id": self.manifest.export_id, "family": self.family, "target": self.manifest.target,
                 "precision": self.manifest.precision, "providers": self.providers,
                 "native_width": self.manifest.native_width, "native_height": self.manifest.native_height,
                 "limits": self.manifest.limits, "intra_op_num_threads": rt.get("intra_op_num_threads"),
@@ -129,10 +133,11 @@ def open_export(export_dir: Path | str, threads: Optional[int] = None, verify: b
     if threads:
         rt["intra_op_num_threads"] = int(threads)
     require_providers(rt)
+    family = folder.family(manifest)  # the manifest's (checked against the files by verify), else the folder's
     start = time.perf_counter()
     try:
         pipe = load_ort_pipeline(folder.path, providers_for(rt, folder.path), session_options(rt),
-                                 use_io_binding=rt.get("use_io_binding"))
+                                 use_io_binding=rt.get("use_io_binding"), family=family)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a graph onnxruntime cannot read, a missing tokenizer: one line
@@ -143,7 +148,7 @@ def open_export(export_dir: Path | str, threads: Optional[int] = None, verify: b
     if manifest is None:
         manifest = _unverified_manifest(folder, rt)
     got = list(getattr(pipe.unet, "session", None).get_providers()) if hasattr(pipe.unet, "session") else []
-    return OpenedExport(folder.path, pipe, manifest, rt, got, load_s)
+    return OpenedExport(folder.path, pipe, manifest, rt, got, load_s, family.name)
 
 
 def _unverified_manifest(folder: ExportFolder, rt: dict[str, Any]) -> ExportManifest:
