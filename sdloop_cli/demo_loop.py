@@ -1,12 +1,14 @@
 """The second half of `sdloop demo`: one full turn of the monitoring and retraining loop, with simulated users.
 
 A real `sdloop serve` (one worker) serves the champion on 127.0.0.1. Two waves of simulated users call it over HTTP:
-yesterday's ask for the colours the base always knew, today's for the new concept. Each user rates what they got
-with the pixel checker's eyes (finetune/evaluation/shapecheck.py): the colour they asked for drawn is a 4 (a 5 and a thumbs up
-if the size is right too), anything else a 1 with a thumbs down. The monitor then compares today against yesterday
-(the frozen reference window: the champion's first generations), the policy decides, and a retraining trains a
-challenger on the champion's data plus the well-rated images, compares, exports, gates, and promotes or rejects it;
-the running service picks up a promotion by itself.
+yesterday's ask for the colours the base always knew, today's for the new concept. Each user asks for two candidates
+(``"candidates": 2``) and rates both with the pixel checker's eyes (finetune/evaluation/shapecheck.py): the colour
+they asked for drawn is a 4 (a 5 and a thumbs up if the size is right too), anything else a 1 with a thumbs down; and
+keeps the better one (``POST /choose``; equal ones: no choice, as a person with no preference). The monitor then
+compares today against yesterday (the frozen reference window: the champion's first generations), the policy
+decides, and a retraining with the demo's objective (``finetune.demo.DEMO_OBJECTIVE``: sft on the champion's data
+plus the well-rated images, or kto on the thumbs, or dpo on the choices) trains a challenger, compares, exports,
+gates, and promotes or rejects it; the running service picks up a promotion by itself.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Iterator, Optional
 
 from sdloop.errors import UserError
 
-WAVE = 16          # generations per wave of simulated users
+WAVE = 16          # users per wave (each asks for two candidates of one prompt)
 STEPS = 20         # denoising steps of the served images
 
 
@@ -110,31 +112,42 @@ def _bar(enabled: bool, **kw: Any) -> Any:
 
 
 def wave(url: str, prompts: list[str], seed: int, client: str, bar: Any = None) -> list[int]:
-    """One wave of users: generate each prompt over HTTP, rate it, post the feedback. Returns the ratings.
+    """One wave of users: each asks for two candidates of its prompt over HTTP, rates them, keeps the better one.
+    Returns the ratings (one per image).
 
     Each image is rated by the user who asked for it and by a second user who sees it (the same eyes, another client
-    id): retraining counts a generation only once ``min_raters`` (2) distinct raters voted on it."""
+    id): retraining counts a generation only once ``min_raters`` (2) distinct raters voted on it. The choice is the
+    asking user's (``POST /choose``); two images rated alike are no choice."""
     from PIL import Image
 
     ratings = []
     for i, prompt in enumerate(prompts):
-        code, body = _call(url + "/txt2img_json", {"prompt": prompt, "seed": seed + i, "steps": STEPS,
-                                                   "guidance_scale": 5.0})  # the model's native size
+        code, body = _call(url + "/txt2img_json", {"prompt": prompt, "seed": seed + 2 * i, "steps": STEPS,
+                                                   "guidance_scale": 5.0, "candidates": 2})  # native size
         if code != 200:
             raise UserError(f"the demo's server answered {code} to txt2img: {str(body)[:200]}")
-        img = body["images"][0]
-        rating, thumbs = simulated_rating(Image.open(io.BytesIO(base64.b64decode(img["image_png_base64"]))), prompt)
-        for rater in (f"{client}-{i}", f"{client}-{i}-viewer"):
-            fb = {"generation_id": img["generation_id"], "rating": rating, "client_id": rater}
-            if thumbs:
-                fb["thumbs"] = thumbs
-            code, body = _call(url + "/feedback", fb)
-            if code != 200:
-                raise UserError(f"the demo's server answered {code} to feedback: {str(body)[:200]}")
-        ratings.append(rating)
+        rated = []
+        for img in body["images"]:
+            rating, thumbs = simulated_rating(Image.open(io.BytesIO(base64.b64decode(img["image_png_base64"]))),
+                                              prompt)
+            for rater in (f"{client}-{i}", f"{client}-{i}-viewer"):
+                fb = {"generation_id": img["generation_id"], "rating": rating, "client_id": rater}
+                if thumbs:
+                    fb["thumbs"] = thumbs
+                _post(url + "/feedback", fb)
+            rated.append((rating, img["generation_id"]))
+        if len(rated) == 2 and rated[0][0] != rated[1][0] and body.get("pair_id"):
+            _post(url + "/choose", {"pair_id": body["pair_id"], "chosen": max(rated)[1], "client_id": f"{client}-{i}"})
+        ratings += [r for r, _ in rated]
         if bar is not None:
             bar.update()
     return ratings
+
+
+def _post(url: str, body: dict[str, Any]) -> None:
+    code, answer = _call(url, body)
+    if code != 200:
+        raise UserError(f"the demo's server answered {code} to {url.rsplit('/', 1)[-1]}: {str(answer)[:200]}")
 
 
 def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0) -> None:
@@ -149,8 +162,10 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
     from sdloop.champion import current_champion_tag
     from sdloop.workspace import monitor_dir
 
+    from finetune.demo import DEMO_OBJECTIVE
+
     cfg = MonitorConfig.from_dict({**demo_monitor_settings(steps or 40),
-                                   "gate_prompts": eval_captions(8, 1, concept=concept)})
+                                   "gate_prompts": eval_captions(8, 1, concept=concept), "objective": DEMO_OBJECTIVE})
     log = monitor_dir() / "demo-server.log"
     print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})", flush=True)
     with served(log, progress=not quiet) as url:
@@ -159,15 +174,16 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
         how = "" if code != 200 else (f" ({info['native_width']}x{info['native_height']} by default, "
                                       f"{', '.join(info['providers'])}, {info['intra_op_num_threads']} thread(s))")
         print(f"      {url} serves {champion}{how}   (GET {url}/info)")
-        with _bar(not quiet, total=2 * WAVE, desc="      users", unit="img") as bar:
+        with _bar(not quiet, total=2 * WAVE, desc="      users", unit="user") as bar:
             bar.set_postfix_str("yesterday's colours")
             yesterday = wave(url, eval_captions(WAVE, 7), seed=100, client="yesterday", bar=bar)
             today_started = dt.datetime.now(dt.timezone.utc)
             bar.set_postfix_str(f"today's {concept!r}")
             today = wave(url, eval_captions(WAVE, 8, concept=concept), seed=200, client="today", bar=bar)
-        print(f"[{first + 1}/{total}] users: {WAVE} generations with the usual colours (mean rating "
-              f"{sum(yesterday) / WAVE:.1f}), then {WAVE} asking for {concept!r} (mean rating "
-              f"{sum(today) / WAVE:.1f}); the pixel checker plays the users")
+        print(f"[{first + 1}/{total}] users: {WAVE} asked for two candidates with the usual colours (mean rating "
+              f"{sum(yesterday) / max(1, len(yesterday)):.1f}), then {WAVE} asking for {concept!r} (mean rating "
+              f"{sum(today) / max(1, len(today)):.1f}), each keeping the better one; the pixel checker plays the "
+              "users")
         print(f"[{first + 2}/{total}] monitor: today against the reference window frozen from the champion's "
               "first generations", flush=True)
         if not quiet:
@@ -179,7 +195,10 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
             print(f"      {line}")
         print(f"      evidently ui --workspace {monitor_dir() / 'evidently'}   (the report history)")
         note = "" if check.decision.retrain else " (the policy did not ask for it; the demo runs the turn anyway)"
-        print(f"[{first + 3}/{total}] retrain: the champion's data plus the well-rated generations{note}")
+        learns = {"sft": "the champion's data plus the well-rated generations",
+                  "kto": "kto on the generations users thumbed up or down, against the champion",
+                  "dpo": "dpo on the candidates users kept over the other, against the champion"}[cfg.objective]
+        print(f"[{first + 3}/{total}] retrain: {learns}{note}")
         outcome = retrain(cfg, trigger="demo", progress=not quiet, say=lambda s: print(f"      {s}"))
         for line in outcome.lines():
             print(f"      {line}")

@@ -23,6 +23,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         return 0
     if args.action == "history":  # `sdloop retrain history` reaches cmd_retrain_history through main; kept for API
         return cmd_retrain_history(args)
+    if getattr(args, "objective", None):  # the same as --set objective=..., after the file's and the --set values
+        args.set = list(args.set or []) + [f"objective={args.objective}"]
     cfg = _config(args)
     verdict = current_verdict(cfg)
     print(override_line(verdict, args.respect_policy), flush=True)
@@ -72,5 +74,9 @@ def add_parsers(sub: Any, parser: argparse.ArgumentParser) -> None:
                    help="retrain only when `sdloop monitor check` says RETRAIN (default: run anyway, saying which "
                    "verdict it overrides)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--objective", choices=("sft", "kto", "dpo"),
+                   help="what the challenger learns (default: the objective setting, sft): sft the well-rated "
+                   "generations, kto the thumbs and ratings (desirable or not), dpo the two-candidate choices and "
+                   "review votes; kto and dpo train against the champion as the frozen reference")
     _settings(p)
     p.set_defaults(func=cmd_retrain, limit=20, json=False)
