@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -206,7 +207,9 @@ def add_reference(unet: Any, cfg: TrainConfig) -> None:
     from finetune.training.lora import lora_config, lora_state_dict
 
     start = lora_state_dict(unet)
-    unet.add_adapter(lora_config(cfg.rank, cfg.alpha, 0.0, list(cfg.target_modules)), adapter_name=REFERENCE)
+    with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point here
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        unet.add_adapter(lora_config(cfg.rank, cfg.alpha, 0.0, list(cfg.target_modules)), adapter_name=REFERENCE)
     result = set_peft_model_state_dict(unet, start, adapter_name=REFERENCE)
     if [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]:
         raise SetupError("the reference adapter does not match the challenger's; report this as a bug.")
