@@ -85,6 +85,9 @@ def preference_data(cfg: TrainConfig, run: Any, resume: bool, progress: bool, ev
     if name is None:
         raise SetupError(f"objective={cfg.objective} learns from preferences, and {cfg.data} is a plain captioned "
                          f"dataset; pass {PREFERENCE_FORMAT_HINT}, or use objective=sft.")
+    if cfg.objective != "sft" and _family(cfg.base) == "sdxl":
+        raise SetupError(f"objective={cfg.objective} runs on SD 1.x/2.x bases for now (the preference step does not "
+                         "pass SDXL's pooled embedding and size conditioning yet); use objective=sft on this base.")
     if cfg.objective != "sft" and cfg.train_text_encoder:
         raise SetupError(f"objective={cfg.objective} trains the UNet's LoRA against a frozen reference UNet; set "
                          "train_text_encoder=false.")
@@ -131,6 +134,16 @@ def preference_data(cfg: TrainConfig, run: Any, resume: bool, progress: bool, ev
     data = Data(report, train_items, val_items, report.fingerprint)
     data.preference = PreferenceSplit(cfg.objective, train, train_refs, val, val_refs)
     return data
+
+
+def _family(base: str) -> str:
+    """The base's model family name, or "" when the base cannot be read yet (the model phase says why)."""
+    from sdloop.pipelines import base_info
+
+    try:
+        return getattr(base_info(base), "family", "")
+    except Exception:  # noqa: BLE001 - the model phase reports an unreadable base in its own words
+        return ""
 
 
 def _check_pair_buckets(cfg: TrainConfig, records: list[PreferenceRecord], items: list[Any],
