@@ -76,6 +76,7 @@ class Manifest:
     dataset_relative: Optional[str] = None
     pipeline_class: str = "StableDiffusionPipeline"
     prediction_type: str = "epsilon"
+    family: str = ""                     # sdloop.families name (sd1, sd2, sdxl); older manifests: see from_dict
     resolution: int = 512
     items: dict = field(default_factory=dict)       # usable, train, validation, skipped
     metrics: dict = field(default_factory=dict)     # first_val_loss, last_train_loss, ...
@@ -110,6 +111,11 @@ class Manifest:
         values = {k: v for k, v in d.items() if k in names}
         if version == 1:  # the first manifests: no stop_reason, dataset as given on the command line
             values.setdefault("stop_reason", "")
+        if not values.get("family"):  # before families: told by the pipeline class, then the prediction type
+            from sdloop.families import family_for_record
+
+            values["family"] = family_for_record("", str(values.get("pipeline_class", "")),
+                                                 str(values.get("prediction_type", "epsilon"))).name
         missing = [k for k in required if k not in values]
         if missing:
             raise RunFolderError(f"{where} lacks {', '.join(missing)}; the run is damaged: train it again.")
@@ -296,6 +302,12 @@ class RunFolder:
         return self._locate(m.base_model, m.base_model_relative, "base model",
                             "make one with `sdloop base tiny DIR` and train again")
 
+    def family(self) -> Any:
+        """The model family (``sdloop.families.Family``) this run was trained in, from its manifest."""
+        from sdloop.families import family_by_name
+
+        return family_by_name(self.manifest().family)
+
     def dataset(self) -> Path:
         """The dataset folder this run trained on."""
         m = self.manifest()
@@ -308,10 +320,15 @@ class RunFolder:
         The adapter is not fused, so callers can compare with and without it (``pipe.disable_lora()``) or fuse it
         themselves (``pipe.fuse_lora(); pipe.unload_lora_weights()``) for export.
         """
+        from sdloop.families import check_same_layout, family_of
         from sdloop.pipelines import load_pipeline, quiet_diffusers
 
         self.require_finished()
-        pipe = load_pipeline(self.base_model(), torch_dtype=torch_dtype)
+        base = self.base_model()
+        check_same_layout(self.family(), family_of(base), f"the LoRA of {self.path} cannot go on the base {base} "
+                          "(the run's family vs the base's)", "put the run's own base back, or train the run again "
+                          "on this base.")
+        pipe = load_pipeline(base, torch_dtype=torch_dtype)
         if lora:
             try:
                 with quiet_diffusers():

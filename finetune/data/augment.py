@@ -14,6 +14,7 @@ import math
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -122,8 +123,26 @@ def _shift_hue(img: Image.Image, shift: float) -> Image.Image:
     return Image.merge("HSV", channels).convert("RGB")
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a sample came from, as SDXL's size/crop conditioning states it (``add_time_ids``).
+
+    ``original_size`` is the source image's (height, width); ``crop_top_left`` the (top, left) corner of the crop
+    in the source scaled to the target (as if the image had been resized, then cropped), mirrored when flipped.
+    """
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
 def augment_image(img: Image.Image, size: Size, cfg: AugmentConfig, rng: random.Random,
                   augment: bool = True) -> Image.Image:
+    """``augment_image_geometry`` without the geometry: the augmented image alone."""
+    return augment_image_geometry(img, size, cfg, rng, augment)[0]
+
+
+def augment_image_geometry(img: Image.Image, size: Size, cfg: AugmentConfig, rng: random.Random,
+                           augment: bool = True) -> tuple[Image.Image, CropGeometry]:
     """Resize ``img`` to cover ``size`` without distortion, crop to it, then maybe flip, rotate and jitter colour.
 
     - crop: random resized crop with probability ``crop_p`` (area fraction in [crop_scale_min, 1], target aspect,
@@ -135,7 +154,8 @@ def augment_image(img: Image.Image, size: Size, cfg: AugmentConfig, rng: random.
       shift), in that fixed order.
 
     ``augment=False`` gives the plain centre crop used for validation. All draws come from ``rng`` and their number
-    does not depend on the configuration, so the same seed always gives the same image.
+    does not depend on the configuration, so the same seed always gives the same image. The geometry returned with
+    the image is what SDXL's size/crop conditioning needs (rotation, a zoom of a few percent, is left out of it).
     """
     tw, th = int(size[0]), int(size[1])
     if tw < 1 or th < 1:
@@ -155,10 +175,14 @@ def augment_image(img: Image.Image, size: Size, cfg: AugmentConfig, rng: random.
         box = _crop_box(img.size, (tw, th), 1.0, 0.5, 0.5)
     # reducing_gap: large photos are first shrunk by an integer factor (fast box filter), then resampled
     out = img.resize((tw, th), resample=_RESAMPLE, box=box, reducing_gap=3.0)
+    px = tw / (box[2] - box[0])  # target pixels per source pixel
+    geometry = CropGeometry((img.size[1], img.size[0]), (int(round(box[1] * px)), int(round(box[0] * px))))
     if not augment:
-        return out
+        return out, geometry
     if flip_u < cfg.flip_p:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        geometry = CropGeometry(geometry.original_size,
+                                (geometry.crop_top_left[0], int(round((img.size[0] - box[2]) * px))))
     if rot_u < cfg.rotation_p and cfg.rotation_degrees > 0:
         out = _rotate_zoomed(out, rot_a * cfg.rotation_degrees)
     if col_u < cfg.color_p:
@@ -170,7 +194,7 @@ def augment_image(img: Image.Image, size: Size, cfg: AugmentConfig, rng: random.
             out = ImageEnhance.Color(out).enhance(1.0 + js * cfg.saturation)
         if cfg.hue:
             out = _shift_hue(out, jh * cfg.hue)
-    return out
+    return out, geometry
 
 
 def image_to_tensor(img: Image.Image) -> "Any":

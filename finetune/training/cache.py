@@ -5,7 +5,10 @@ Layout under the cache root (default ``$SDLOOP_HOME/cache``)::
     latents/<key>.safetensors   one per image: "v0".."v{K-1}" (augmented variants, built by a training feed)
                                 and/or "val" (centre crop, built by a validation feed), each [C, h/f, w/f]
                                 float32 = VAE posterior mean * scaling_factor
-    text/<key>.safetensors      one per caption string: "hidden" [max_length, D] float32
+                                SDXL bases (``Family.uses_time_ids``) add "<name>.time_ids" [6] beside each
+                                variant: its original size, crop corner and target size (SDXL's add_time_ids)
+    text/<key>.safetensors      one per caption string: "hidden" [max_length, D] float32, and for SDXL
+                                "pooled" [P] (the second encoder's projected embedding); D spans both encoders
 
 A key hashes everything its tensors depend on (image bytes, base model, bucket, resolution, image augmentation
 settings, encoder dtype, format version), so a changed input gets a new file and an unchanged one is reused; stale
@@ -29,8 +32,10 @@ from typing import Any, Iterable, Optional, Sequence, Union
 from sdloop import workspace
 from sdloop.atomic import DamagedFileError, load_safetensors, safetensors_shapes, save_safetensors
 from sdloop.errors import UserError
+from sdloop.families import SD1, Family, TextConditioning
 
-from finetune.data.augment import Size, augment_image, caption_variant, image_to_tensor, seeded_rng
+from finetune.data.augment import (CropGeometry, Size, augment_image_geometry, caption_variant, image_to_tensor,
+                                   seeded_rng)
 from finetune.training.config import AugmentConfig
 
 CACHE_FORMAT_VERSION = 2  # 2: augmentation draws from sdloop.seeding
@@ -111,8 +116,19 @@ def load_item_image(data_root: Path, item: Any) -> Any:
 
 def variant_image(img: Any, bucket: Size, aug: AugmentConfig, item_sha256: str, variant: Variant) -> Any:
     """Variant ``v`` of an image: augmented with rng(aug.seed, sha, v); "val" is the plain centre crop."""
+    return variant_image_geometry(img, bucket, aug, item_sha256, variant)[0]
+
+
+def variant_image_geometry(img: Any, bucket: Size, aug: AugmentConfig, item_sha256: str, variant: Variant
+                           ) -> tuple[Any, CropGeometry]:
+    """``variant_image`` with where its crop came from (original size, crop corner): SDXL's size conditioning."""
     rng = seeded_rng(aug.seed, item_sha256, variant, "image")
-    return augment_image(img, bucket, aug, rng, augment=variant != "val")
+    return augment_image_geometry(img, bucket, aug, rng, augment=variant != "val")
+
+
+def sample_time_ids(family: Family, geometry: CropGeometry, bucket: Size) -> Any:
+    """The family's size/crop conditioning of one sample (None for families without one); target = the bucket."""
+    return family.time_ids(geometry.original_size, geometry.crop_top_left, (int(bucket[1]), int(bucket[0])))
 
 
 def variant_caption(caption: str, aug: AugmentConfig, item_sha256: str, variant: Variant) -> str:
@@ -168,6 +184,27 @@ def encode_text(text_encoder: Any, tokenizer: Any, captions: Sequence[str]) -> A
     return torch.cat(outs)
 
 
+def encode_conditioning(family: Family, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
+                        captions: Sequence[str]) -> TextConditioning:
+    """The family's text conditioning of ``captions`` (float32, no gradients), in chunks of 4 * ENCODE_BATCH.
+
+    SD 1.x/2.x: the encoder's last hidden state (as ``encode_text``); SDXL: both encoders' penultimate states
+    concatenated and the pooled embedding, as ``StableDiffusionXLPipeline.encode_prompt`` computes them.
+    """
+    import torch
+
+    device, _ = module_device_dtype(text_encoders[0])
+    ids = family.tokenize(tokenizers, captions)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, ids[0].shape[0], ENCODE_BATCH * 4):
+            chunk = [i[start:start + ENCODE_BATCH * 4].to(device) for i in ids]
+            cond = family.encode_ids(text_encoders, chunk)
+            parts.append(TextConditioning(cond.hidden.float(), None if cond.pooled is None else cond.pooled.float()))
+    return TextConditioning(torch.cat([p.hidden for p in parts]),
+                            torch.cat([p.pooled for p in parts]) if parts[0].pooled is not None else None)
+
+
 def latent_shape(vae: Any, bucket: Size) -> tuple[int, int, int]:
     """[C, h/f, w/f] of one latent for a bucket (f = 2 ** (number of VAE blocks - 1), 8 for SD)."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -212,14 +249,21 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 # -- builds --------------------------------------------------------------------------------------------------------
 
+def time_ids_name(name: str) -> str:
+    """The tensor beside variant ``name`` that holds its size/crop conditioning (families that use one)."""
+    return f"{name}.time_ids"
+
+
 def build_latent_cache(items: Sequence[Any], buckets: Sequence[Size], data_root: Path, resolution: int,
                        aug: AugmentConfig, vae: Any, base_fingerprint: str, cache_root: Path,
-                       progress: bool = True, names: Optional[Sequence[str]] = None) -> CacheStats:
+                       progress: bool = True, names: Optional[Sequence[str]] = None,
+                       family: Family = SD1) -> CacheStats:
     """Encode the named variants of every item once ("v0".."v{K-1}" and "val" unless ``names`` narrows them).
 
     A file whose key matches and which holds every needed tensor is reused. One that holds only some of them (a
     train feed's file, later read as validation after a new split) keeps those and gets the missing ones encoded
-    and merged in, so the training feed never pays for the validation crop and vice versa.
+    and merged in, so the training feed never pays for the validation crop and vice versa. For a family with
+    size/crop conditioning (SDXL) each variant's time ids are stored beside it ("v0.time_ids", ...).
     """
     import torch
 
@@ -230,6 +274,7 @@ def build_latent_cache(items: Sequence[Any], buckets: Sequence[Size], data_root:
     if unknown:
         raise ValueError(f"unknown latent variant(s) {sorted(unknown)}; expected some of {every}.")
     dtype = str(module_device_dtype(vae)[1])
+    with_ids = family.uses_time_ids
     stats = CacheStats()
     todo: dict[Size, list[tuple[Any, Path, dict[str, Any], list[str]]]] = {}
     seen: set[Path] = set()
@@ -238,12 +283,13 @@ def build_latent_cache(items: Sequence[Any], buckets: Sequence[Size], data_root:
         if path in seen:  # byte-identical duplicates share one file
             continue
         seen.add(path)
-        shape = latent_shape(vae, bucket)
-        if is_valid(path, names, {n: shape for n in names}):
+        shapes = _variant_shapes(every, latent_shape(vae, bucket), with_ids)
+        needed = [t for n in names for t in ((n, time_ids_name(n)) if with_ids else (n,))]
+        if is_valid(path, needed, shapes):
             stats.latents_reused += 1
             stats.bytes += path.stat().st_size
             continue
-        kept = _readable_variants(path, every, shape)
+        kept = _readable_variants(path, every, shapes, with_ids)
         todo.setdefault(tuple(bucket), []).append((item, path, kept, [n for n in names if n not in kept]))
 
     bar = _progress(sum(len(v) for v in todo.values()), "caching latents", progress)
@@ -256,16 +302,20 @@ def build_latent_cache(items: Sequence[Any], buckets: Sequence[Size], data_root:
                     chunks.append([])
                 chunks[-1].append(job)
             for chunk in chunks:
-                pixels = []
-                for item, _, _, missing in chunk:
+                pixels, time_ids = [], {}
+                for item, path, _, missing in chunk:
                     img = load_item_image(data_root, item)
-                    pixels += [image_to_tensor(variant_image(img, bucket, aug, item.sha256, _variant(n)))
-                               for n in missing]
+                    for n in missing:
+                        image, geometry = variant_image_geometry(img, bucket, aug, item.sha256, _variant(n))
+                        pixels.append(image_to_tensor(image))
+                        if with_ids:
+                            time_ids[(path, time_ids_name(n))] = sample_time_ids(family, geometry, bucket)
                 latents = iter(encode_latents(vae, torch.stack(pixels)))
                 for item, path, kept, missing in chunk:
                     tensors = {**kept, **{n: next(latents) for n in missing}}
+                    tensors.update({t: v for (p, t), v in time_ids.items() if p == path})
                     stats.bytes += write_tensors_atomic(
-                        path, {n: tensors[n] for n in every if n in tensors},
+                        path, {n: tensors[n] for n in _variant_shapes(every, (), with_ids) if n in tensors},
                         {"format": "sdloop-latents", "version": str(CACHE_FORMAT_VERSION), "item": item.path,
                          "bucket": f"{bucket[0]}x{bucket[1]}", "base": base_fingerprint})
                     stats.latents_built += 1
@@ -280,26 +330,46 @@ def _variant(name: str) -> Variant:
     return "val" if name == "val" else int(name[1:])
 
 
-def _readable_variants(path: Path, names: Sequence[str], shape: tuple[int, ...]) -> dict[str, Any]:
-    """The tensors of ``names`` that an existing file holds intact with the right shape ({} when unreadable)."""
+def _variant_shapes(names: Sequence[str], shape: tuple[int, ...], with_ids: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a latent file with its shape: each variant, and its time ids when the family has them."""
+    out: dict[str, tuple[int, ...]] = {}
+    for n in names:
+        out[n] = tuple(shape)
+        if with_ids:
+            out[time_ids_name(n)] = (6,)
+    return out
+
+
+def _readable_variants(path: Path, names: Sequence[str], shapes: dict[str, tuple[int, ...]],
+                       with_ids: bool) -> dict[str, Any]:
+    """The variants of ``names`` (with their time ids when ``with_ids``) that an existing file holds intact with
+    the right shapes ({} when unreadable)."""
     found = safetensors_shapes(path)
     if not found:
         return {}
-    keep = [n for n in names if found.get(n) == tuple(shape)]
+    keep = [n for n in names if found.get(n) == shapes[n]
+            and (not with_ids or found.get(time_ids_name(n)) == shapes[time_ids_name(n)])]
+    keep += [time_ids_name(n) for n in keep] if with_ids else []
     return read_tensors(path, keep) or {} if keep else {}
 
 
 def build_text_cache(captions: Iterable[str], text_encoder: Any, tokenizer: Any, base_fingerprint: str,
-                     cache_root: Path, progress: bool = True) -> CacheStats:
-    """Encode each unique caption string once; reuse files whose key and shape check out."""
+                     cache_root: Path, progress: bool = True, family: Family = SD1) -> CacheStats:
+    """Encode each unique caption string once; reuse files whose key and shapes check out.
+
+    ``text_encoder`` and ``tokenizer`` are one module each or the family's lists (SDXL: both encoders); the file
+    holds ``family``'s conditioning tensors (``TextConditioning.tensors()``: "hidden", and "pooled" for SDXL).
+    """
     t0 = time.perf_counter()
-    dtype = str(module_device_dtype(text_encoder)[1])
-    shape = (int(tokenizer.model_max_length), int(text_encoder.config.hidden_size))
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+    dtype = str(module_device_dtype(encoders[0])[1])
+    shapes = family.text_shapes(encoders, tokenizers)
     stats = CacheStats()
     todo: list[tuple[str, Path]] = []
     for caption in dict.fromkeys(captions):  # unique, in first-seen order
         path = text_path(cache_root, text_key(caption, base_fingerprint, dtype))
-        if is_valid(path, ["hidden"], {"hidden": shape}):
+        if is_valid(path, list(shapes), shapes):
             stats.text_reused += 1
             stats.bytes += path.stat().st_size
         else:
@@ -309,10 +379,10 @@ def build_text_cache(captions: Iterable[str], text_encoder: Any, tokenizer: Any,
     try:
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
-            hidden = encode_text(text_encoder, tokenizer, [c for c, _ in chunk])
+            cond = encode_conditioning(family, encoders, tokenizers, [c for c, _ in chunk])
             for j, (caption, path) in enumerate(chunk):
                 stats.bytes += write_tensors_atomic(
-                    path, {"hidden": hidden[j]},
+                    path, cond.row(j).tensors(),
                     {"format": "sdloop-text", "version": str(CACHE_FORMAT_VERSION), "caption": caption[:1000],
                      "base": base_fingerprint})
                 stats.text_built += 1

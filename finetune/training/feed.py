@@ -11,12 +11,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from sdloop.families import SD1, Family, TextConditioning
+
 from finetune.data.augment import Size, balanced_weights, epoch_batches, image_to_tensor, item_buckets, seeded_rng
 from finetune.training.cache import (CacheStats, Variant, build_latent_cache, build_text_cache, default_cache_root,
-                            encode_latents, encode_text, latent_key, latent_path, load_item_image,
-                            module_device_dtype, read_tensors, text_key, text_path, tokenize, variant_caption,
-                            variant_image, variant_names)
+                            encode_conditioning, encode_latents, latent_key, latent_path, load_item_image,
+                            module_device_dtype, read_tensors, sample_time_ids, text_key, text_path, time_ids_name,
+                            variant_caption, variant_image_geometry, variant_names)
 from finetune.training.config import TrainConfig
+
+
+def input_ids_key(index: int) -> str:
+    """The batch key of text encoder ``index``'s token ids: "input_ids", then "input_ids_2" (SDXL), ..."""
+    return "input_ids" if index == 0 else f"input_ids_{index + 1}"
+
+
+def batch_conditioning(family: Family, batch: dict[str, Any], text_encoders: Optional[Sequence[Any]],
+                       device: Any) -> TextConditioning:
+    """The text conditioning of a batch: the cached/encoded states, or the (trained) encoders run on its ids."""
+    if "encoder_hidden_states" in batch:
+        pooled = batch.get("pooled_text_embeds")
+        return TextConditioning(batch["encoder_hidden_states"].to(device),
+                                None if pooled is None else pooled.to(device))
+    if not text_encoders:
+        raise ValueError("a batch of token ids needs the text encoders.")
+    ids = [batch[input_ids_key(i)].to(device) for i in range(len(family.text_encoders))]
+    return family.encode_ids(list(text_encoders), ids)
+
+
+def unet_inputs(family: Family, batch: dict[str, Any], text_encoders: Optional[Sequence[Any]],
+                device: Any) -> dict[str, Any]:
+    """Keyword arguments of ``unet(noisy, timesteps, **kwargs)`` for a batch: what every loss calls the UNet with,
+    so the trainer's step, the validation loss and any objective condition the UNet the family's way."""
+    cond = batch_conditioning(family, batch, text_encoders, device)
+    time_ids = batch.get("time_ids")
+    return family.unet_kwargs(cond, None if time_ids is None else time_ids.to(device))
 
 
 class TrainingFeed:
@@ -37,8 +66,11 @@ class TrainingFeed:
         self.cfg = cfg
         self.aug = cfg.augment
         self.vae = components["vae"]
-        self.text_encoder = components["text_encoders"][0]
-        self.tokenizer = components["tokenizers"][0]
+        self.family: Family = components.get("family", SD1)
+        self.text_encoders = list(components["text_encoders"])
+        self.tokenizers = list(components["tokenizers"])
+        self.text_encoder = self.text_encoders[0]
+        self.tokenizer = self.tokenizers[0]
         self.base_fingerprint = base_fingerprint
         self.cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.device = torch.device(device)
@@ -91,10 +123,10 @@ class TrainingFeed:
             return CacheStats()
         stats = build_latent_cache(self.items, self.buckets, self.data_root, self.cfg.resolution, self.aug,
                                    self.vae, self.base_fingerprint, self.cache_root, self.progress,
-                                   names=self.latent_names())
+                                   names=self.latent_names(), family=self.family)
         if not self.cfg.train_text_encoder:
-            stats = stats.add(build_text_cache(self._captions_needed(), self.text_encoder, self.tokenizer,
-                                               self.base_fingerprint, self.cache_root, self.progress))
+            stats = stats.add(build_text_cache(self._captions_needed(), self.text_encoders, self.tokenizers,
+                                               self.base_fingerprint, self.cache_root, self.progress, self.family))
         return stats
 
     def latent_names(self) -> list[str]:
@@ -113,46 +145,59 @@ class TrainingFeed:
         return text_path(self.cache_root, text_key(caption, self.base_fingerprint, dtype))
 
     def _remember(self, key: Any, tensor: Any) -> Any:
-        """Keep a tensor read from the cache in RAM while the budget lasts: later epochs skip the file read."""
-        size = tensor.numel() * tensor.element_size()
+        """Keep a tensor (or a tuple/dict of them) read from the cache in RAM while the budget lasts: later epochs
+        skip the file read."""
+        parts = tensor.values() if isinstance(tensor, dict) else tensor if isinstance(tensor, tuple) else [tensor]
+        size = sum(t.numel() * t.element_size() for t in parts)
         if size <= self._ram_free:
             self._ram[key] = tensor
             self._ram_free -= size
         return tensor
 
     def _cached_latent(self, index: int, variant: Variant) -> Any:
+        """The cached latent of a variant, or (latent, time ids) for a family with size/crop conditioning."""
         name = "val" if variant == "val" else f"v{variant}"
+        names = [name, time_ids_name(name)] if self.family.uses_time_ids else [name]
         if (index, name) in self._ram:
             return self._ram[(index, name)]
         path = self._latent_file(index)
-        got = read_tensors(path, [name])
+        got = read_tensors(path, names)
         if got is None:  # deleted or damaged since prepare(): rebuild this one file
             build_latent_cache([self.items[index]], [self.buckets[index]], self.data_root, self.cfg.resolution,
                                self.aug, self.vae, self.base_fingerprint, self.cache_root, progress=False,
-                               names=self.latent_names())
-            got = read_tensors(path, [name])
+                               names=self.latent_names(), family=self.family)
+            got = read_tensors(path, names)
             if got is None:
                 raise RuntimeError(f"latent cache file {path} is unreadable right after rebuilding it.")
-        return self._remember((index, name), got[name])
+        value = (got[name], got[names[1]]) if self.family.uses_time_ids else got[name]
+        return self._remember((index, name), value)
 
-    def _cached_hidden(self, caption: str) -> Any:
+    def _cached_text(self, caption: str) -> dict[str, Any]:
+        """The cached conditioning tensors of one caption ("hidden", and "pooled" for SDXL)."""
         if caption in self._ram:
             return self._ram[caption]
         path = self._text_file(caption)
-        got = read_tensors(path, ["hidden"])
+        names = list(self.family.text_shapes(self.text_encoders, self.tokenizers))
+        got = read_tensors(path, names)
         if got is None:
-            build_text_cache([caption], self.text_encoder, self.tokenizer, self.base_fingerprint, self.cache_root,
-                             progress=False)
-            got = read_tensors(path, ["hidden"])
+            build_text_cache([caption], self.text_encoders, self.tokenizers, self.base_fingerprint, self.cache_root,
+                             progress=False, family=self.family)
+            got = read_tensors(path, names)
             if got is None:
                 raise RuntimeError(f"text cache file {path} is unreadable right after rebuilding it.")
-        return self._remember(caption, got["hidden"])
+        return self._remember(caption, got)
+
+    def _cached_hidden(self, caption: str) -> Any:
+        return self._cached_text(caption)["hidden"]
 
     # -- batches ---------------------------------------------------------------------------------------------------
 
     def load_batch(self, indices: list[int], epoch: int) -> dict[str, Any]:
         """One batch: {"latents": [B,C,h/8,w/8] float32, "encoder_hidden_states": [B,77,D] float32} on the device,
         or {"latents", "input_ids": [B,77] long} when the text encoder is trained (it must see token ids).
+
+        SDXL adds "pooled_text_embeds" [B,P] (or "input_ids_2" for its second encoder) and "time_ids" [B,6], each
+        sample's real original size, crop corner and bucket. ``unet_inputs`` turns a batch into the UNet's inputs.
         """
         import torch
 
@@ -166,24 +211,35 @@ class TrainingFeed:
         draws = [self.draw(i, epoch) for i in indices]
         captions = [self.caption(i, v, d) for i, (v, d) in zip(indices, draws)]
 
+        time_ids = None
         if self.cfg.use_cache:
-            latents = torch.stack([self._cached_latent(i, v) for i, (v, _) in zip(indices, draws)])
+            cached = [self._cached_latent(i, v) for i, (v, _) in zip(indices, draws)]
+            if self.family.uses_time_ids:
+                cached, time_ids = [c[0] for c in cached], [c[1] for c in cached]
+            latents = torch.stack(cached)
         else:
             bucket = self.buckets[indices[0]]
-            pixels = []
+            pixels, time_ids = [], []
             for i, (v, _) in zip(indices, draws):
                 item = self.items[i]
                 img = load_item_image(self.data_root, item)
-                pixels.append(image_to_tensor(variant_image(img, bucket, self.aug, item.sha256, v)))
+                image, geometry = variant_image_geometry(img, bucket, self.aug, item.sha256, v)
+                pixels.append(image_to_tensor(image))
+                time_ids.append(sample_time_ids(self.family, geometry, bucket))
             latents = encode_latents(self.vae, torch.stack(pixels))
         batch = {"latents": latents.float().to(self.device)}
+        if self.family.uses_time_ids:
+            batch["time_ids"] = torch.stack(time_ids).float().to(self.device)
 
         if self.cfg.train_text_encoder:
-            batch["input_ids"] = tokenize(self.tokenizer, captions).long().to(self.device)
-        elif self.cfg.use_cache:
-            batch["encoder_hidden_states"] = torch.stack([self._cached_hidden(c) for c in captions]
-                                                         ).float().to(self.device)
+            for j, ids in enumerate(self.family.tokenize(self.tokenizers, captions)):
+                batch[input_ids_key(j)] = ids.long().to(self.device)
+            return batch
+        if self.cfg.use_cache:
+            cond = TextConditioning.stack([TextConditioning.from_tensors(self._cached_text(c)) for c in captions])
         else:
-            batch["encoder_hidden_states"] = encode_text(self.text_encoder, self.tokenizer, captions
-                                                         ).float().to(self.device)
+            cond = encode_conditioning(self.family, self.text_encoders, self.tokenizers, captions)
+        batch["encoder_hidden_states"] = cond.hidden.float().to(self.device)
+        if cond.pooled is not None:
+            batch["pooled_text_embeds"] = cond.pooled.float().to(self.device)
         return batch

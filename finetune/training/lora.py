@@ -3,8 +3,11 @@
 - diffusers layout (``pytorch_lora_weights.safetensors``): ``unet.``/``text_encoder.`` prefixed peft keys plus the
   ``lora_adapter_metadata`` JSON that stock ``pipe.load_lora_weights(dir)`` reads to restore rank and alpha.
 - kohya layout (``lora_kohya.safetensors``): ``lora_unet_<module_path>.lora_down/lora_up.weight`` and ``.alpha``,
-  which AUTOMATIC1111, ComfyUI and kohya sd-scripts read (for SD 1.x/2.x the UNet keys use diffusers module names,
-  the text encoder keys start with ``lora_te_``).
+  which AUTOMATIC1111, ComfyUI and kohya sd-scripts read (the UNet keys use diffusers module names; the text encoder
+  prefixes are the family's ``kohya_prefixes``: ``lora_te_`` for SD 1.x/2.x, ``lora_te1_``/``lora_te2_`` for SDXL).
+
+The components (``unet``, ``text_encoder``, SDXL's ``text_encoder_2``) and their prefixes come from
+``sdloop.families``; the SD 1.x signatures (a UNet and one text encoder state dict) are kept.
 
 Only safetensors are written or read: no pickles.
 """
@@ -17,11 +20,12 @@ from typing import Any, Optional
 
 import torch
 from sdloop.atomic import load_safetensors, save_safetensors
+from sdloop.families import SD1, Family
 from sdloop.runfolder import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 
 __all__ = ["DIFFUSERS_WEIGHT_NAME", "KOHYA_WEIGHT_NAME", "add_lora", "lora_parameters", "lora_state_dict",
-           "load_lora_state_dict", "split_prefixed", "save_diffusers_lora", "save_kohya_lora", "to_kohya",
-           "read_safetensors"]
+           "load_lora_state_dict", "split_prefixed", "split_components", "save_diffusers_lora", "save_kohya_lora",
+           "to_kohya", "read_safetensors"]
 ADAPTER = "default"
 
 
@@ -75,9 +79,18 @@ def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 def split_prefixed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split ``unet.``/``text_encoder.`` prefixed adapter tensors into the two peft state dicts."""
-    unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-    text = {k[len("text_encoder."):]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
-    return unet, text
+    parts = split_components(tensors)
+    return parts.get("unet", {}), parts.get("text_encoder", {})
+
+
+def split_components(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapter tensors by component: ``unet.``, ``text_encoder.``, ``text_encoder_2.`` prefixes -> peft dicts."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(component, {})[rest] = value
+    return out
 
 
 def _peft_meta(prefix: str, rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
@@ -98,25 +111,31 @@ def _peft_meta(prefix: str, rank: int, alpha: float, target_modules: list[str]) 
 def save_diffusers_lora(path: Path, unet_sd: dict[str, torch.Tensor],
                         text_encoder_sd: Optional[dict[str, torch.Tensor]],
                         rank: int, alpha: float, unet_targets: list[str], text_targets: list[str],
-                        extra_metadata: dict[str, Any]) -> None:
-    """Write the diffusers layout that ``StableDiffusionPipeline.load_lora_weights`` reads as it is."""
+                        extra_metadata: dict[str, Any],
+                        text_encoder_2_sd: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write the diffusers layout that the family's ``load_lora_weights`` (SD or SDXL pipeline) reads as it is."""
     # peft key names (lora_A/lora_B) as they are: diffusers reads them directly, while its own peft->diffusers
     # renaming only knows attention projections and would leave a mix of two key styles for conv/ff targets
     tensors = {f"unet.{k}": v for k, v in unet_sd.items()}
     adapter_meta = _peft_meta("unet", rank, alpha, unet_targets)
-    if text_encoder_sd:
-        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder_sd.items()})
-        adapter_meta.update(_peft_meta("text_encoder", rank, alpha, text_targets))
+    for prefix, sd in (("text_encoder", text_encoder_sd), ("text_encoder_2", text_encoder_2_sd)):
+        if sd:
+            tensors.update({f"{prefix}.{k}": v for k, v in sd.items()})
+            adapter_meta.update(_peft_meta(prefix, rank, alpha, text_targets))
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_meta, sort_keys=True)}
     metadata.update({f"sdloop.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in extra_metadata.items()})
     save_safetensors(path, tensors, metadata)
 
 
 def to_kohya(unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
-             alpha: float) -> dict[str, torch.Tensor]:
-    """Rename peft keys to kohya's: module path with '_' for '.', lora_A -> lora_down, lora_B -> lora_up, + alpha."""
+             alpha: float, family: Family = SD1,
+             text_encoder_2_sd: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Rename peft keys to kohya's: module path with '_' for '.', lora_A -> lora_down, lora_B -> lora_up, + alpha;
+    each component under the family's kohya prefix (SDXL: lora_unet_, lora_te1_, lora_te2_)."""
     out: dict[str, torch.Tensor] = {}
-    for prefix, sd in (("lora_unet", unet_sd), ("lora_te", text_encoder_sd or {})):
+    parts = {"unet": unet_sd, "text_encoder": text_encoder_sd or {}, "text_encoder_2": text_encoder_2_sd or {}}
+    for component in family.lora_components:
+        prefix, sd = family.kohya_prefix(component), parts[component]
         for key, value in sd.items():
             if ".lora_A." in key:
                 module, kind = key.split(".lora_A.")[0], "lora_down"
@@ -131,13 +150,15 @@ def to_kohya(unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[st
 
 
 def save_kohya_lora(path: Path, unet_sd: dict[str, torch.Tensor], text_encoder_sd: Optional[dict[str, torch.Tensor]],
-                    rank: int, alpha: float, extra_metadata: dict[str, Any]) -> None:
+                    rank: int, alpha: float, extra_metadata: dict[str, Any], family: Family = SD1,
+                    text_encoder_2_sd: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write the kohya / A1111 / ComfyUI layout, with the ss_* metadata those tools display."""
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-                "ss_base_model_version": "sd_v1", "ss_sd_model_name": str(extra_metadata.get("base_model", "")),
+                "ss_base_model_version": family.kohya_model_version,
+                "ss_sd_model_name": str(extra_metadata.get("base_model", "")),
                 "ss_steps": str(extra_metadata.get("steps", "")), "format": "pt"}
     metadata.update({f"sdloop.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in extra_metadata.items()})
-    save_safetensors(path, to_kohya(unet_sd, text_encoder_sd, alpha), metadata)
+    save_safetensors(path, to_kohya(unet_sd, text_encoder_sd, alpha, family, text_encoder_2_sd), metadata)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -17,7 +17,7 @@ from sdloop.runfolder import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, Manifest,
 
 from finetune import __version__
 from finetune.training.config import TrainConfig
-from finetune.training.lora import save_diffusers_lora, save_kohya_lora, split_prefixed
+from finetune.training.lora import save_diffusers_lora, save_kohya_lora, split_components
 from finetune.training.visuals import loss_curve_png
 
 
@@ -49,13 +49,15 @@ def write_results(run: RunFolder, cfg: TrainConfig, data: Any, m: Any, state: An
     best_file = run.best_lora_checkpoint
     best = load_safetensors(best_file)[0] if best_file.is_file() and has_val else m.result_weights()
     best_step = state.best_step if has_val else step
-    unet_sd, te_sd = split_prefixed(best)
+    parts = split_components(best)
+    unet_sd, te_sd, te2_sd = (parts.get(c, {}) for c in ("unet", "text_encoder", "text_encoder_2"))
+    family = m.family
     meta = {"base_model": cfg.base, "base_fingerprint": m.base_fingerprint, "rank": cfg.rank, "alpha": cfg.alpha,
             "steps": best_step, "sdloop_version": __version__, "prediction_type": m.prediction_type,
-            "resolution": cfg.resolution}
+            "resolution": cfg.resolution, "family": family.name}
     save_diffusers_lora(run.diffusers_lora, unet_sd, te_sd, cfg.rank, cfg.alpha, cfg.target_modules,
-                        cfg.text_encoder_target_modules, meta)
-    save_kohya_lora(run.kohya_lora, unet_sd, te_sd, cfg.rank, cfg.alpha, meta)
+                        cfg.text_encoder_target_modules, meta, text_encoder_2_sd=te2_sd)
+    save_kohya_lora(run.kohya_lora, unet_sd, te_sd, cfg.rank, cfg.alpha, meta, family, text_encoder_2_sd=te2_sd)
     rows = run.read_metrics()
     loss_curve_png(rows, run.loss_curve, best_step, title=f"{run.path.name}: {state.stopped}",
                    train_label="train loss (min-SNR weighted)" if cfg.snr_gamma else "train loss")
@@ -65,6 +67,7 @@ def write_results(run: RunFolder, cfg: TrainConfig, data: Any, m: Any, state: An
         base_model=base, base_model_relative=base_rel, base_fingerprint=m.base_fingerprint,
         dataset=dataset, dataset_relative=dataset_rel, dataset_fingerprint=data.fingerprint,
         pipeline_class=m.pipeline_class, prediction_type=m.prediction_type, resolution=cfg.resolution,
+        family=family.name,
         items={"usable": len(data.report.items), "train": len(data.train_items), "validation": len(data.val_items),
                "skipped": len(data.report.skipped)},
         best_step=best_step, best_val_loss=state.best_val, final_step=step, stopped=state.stopped,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from sdloop.seeding import seed_torch, torch_generator
 
+from finetune.training.feed import unet_inputs
 from finetune.training.validate import training_target
 
 
@@ -127,12 +128,8 @@ def train_step(m: Any, stream: Iterator[tuple[int, int, list[int]]], step: int, 
                 noise = noise + cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen).to(device)
             timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
             noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
-            with m.autocast:
-                if "encoder_hidden_states" in batch:
-                    cond = batch["encoder_hidden_states"].to(device)
-                else:
-                    cond = m.text_encoder(batch["input_ids"].to(device))[0]
-                pred = m.unet(noisy, timesteps, cond).sample
+            with m.autocast:  # the family conditions the UNet (SDXL: pooled embedding and size/crop time ids)
+                pred = m.unet(noisy, timesteps, **unet_inputs(m.family, batch, m.text_encoders, device)).sample
             target = training_target(m.noise_scheduler, m.prediction_type, latents, noise, timesteps)
             loss = diffusion_loss(pred, target, timesteps, m.noise_scheduler, m.prediction_type, cfg.snr_gamma)
             if not torch.isfinite(loss):

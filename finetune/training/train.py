@@ -91,6 +91,7 @@ class TrainState:
     elapsed: float = 0.0
     stopped: str = ""
     stop_reason: str = ""
+    family: str = ""           # the model family the run trains (checked on --resume; empty in older checkpoints)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":
@@ -134,6 +135,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, hooks: TrainHooks) ->
     data = check_data(cfg, run, resume, progress and ctx.main, hooks.event, warn=hooks.warn_upscale and ctx.main)
     m = setup_model(cfg, ctx, data, progress and ctx.main, hooks.event)
     state, step = restore(run, m, ctx, resume)
+    state.family = m.family.name
     if ctx.main and step == 0:
         write_start_files(run, cfg, data)
         run.metrics.unlink(missing_ok=True)
@@ -155,6 +157,7 @@ def restore(run: RunFolder, m: Model, ctx: Context, resume: bool) -> tuple[Train
     if not resume:
         return TrainState(), 0
     clean_partial(run.checkpoints_dir)
+    check_resume_family(run, m)
     found = restore_latest(run.checkpoints_dir, m.optimizer, m.lr_scheduler, ctx.accelerator.print)
     if found is None:
         ctx.accelerator.print(f"no checkpoint in {run.checkpoints_dir}; starting {run.path} from step 0")
@@ -168,6 +171,27 @@ def restore(run: RunFolder, m: Model, ctx: Context, resume: bool) -> tuple[Train
         truncate_metrics(run, step)
     ctx.accelerator.print(f"resuming {run.path} from step {step} ({found['path'].name})")
     return state, step
+
+
+def check_resume_family(run: RunFolder, m: Model) -> None:
+    """Refuse, in one line naming both families, to resume a run on a base of another family (the base is a path
+    --resume may change: an SDXL run resumed with --base on an SD 1.x folder). The newest checkpoint's state names
+    the family; one written before families existed is an SD 1.x/2.x run's."""
+    import json
+
+    from sdloop.families import check_same_layout, family_by_name
+
+    from finetune.training.checkpoint import STATE_FILE
+
+    ckpts = list_checkpoints(run.checkpoints_dir)
+    try:
+        recorded = json.loads((ckpts[-1] / STATE_FILE).read_text()).get("family") or "sd1" if ckpts else ""
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged checkpoint: restore_latest falls back past it and says so
+    if recorded:
+        check_same_layout(family_by_name(recorded), m.family, f"cannot resume {run.path} on the base {m.cfg.base} "
+                          "(the run's family vs the base's)", "resume with the run's own base, or start a new "
+                          "--output.")
 
 
 def validate(m: Model, data: Data, cfg: TrainConfig, hooks: TrainHooks) -> float:
@@ -184,7 +208,8 @@ def validate(m: Model, data: Data, cfg: TrainConfig, hooks: TrainHooks) -> float
     with maybe_ema(m.ema):
         total, count = validation_loss_sum(m.raw_unet, m.noise_scheduler, data.val_feed, data.val_items,
                                            m.prediction_type, cfg.validation_timesteps, cfg.seed, m.device,
-                                           m.raw_te if cfg.train_text_encoder else None, m.autocast, batches=mine)
+                                           list(m.trained_text_encoders().values()) or None, m.autocast,
+                                           batches=mine)
     sums = m.accelerator.reduce(torch.tensor([total, float(count)], device=m.device, dtype=torch.float64), "sum")
     val = float(sums[0] / sums[1])
     if hooks.event is not None:
@@ -261,7 +286,8 @@ def loop(cfg: TrainConfig, run: RunFolder, ctx: Context, data: Data, m: Model, s
     losses: list[float] = []
     m.unet.train()
     if cfg.train_text_encoder:
-        m.text_encoder.train()
+        for te in m.text_encoders:
+            te.train()
     while step < m.total_steps and not state.stop_reason:
         try:
             loss = train_step(m, stream, step, cfg, state)

@@ -41,37 +41,42 @@ def training_target(noise_scheduler: Any, prediction_type: str, latents: torch.T
 @torch.no_grad()
 def validation_loss_sum(unet: torch.nn.Module, noise_scheduler: Any, feed: Any, items: list[Any],
                         prediction_type: str, k: int, seed: int, device: torch.device,
-                        text_encoder: Optional[torch.nn.Module] = None, autocast: Any = None,
+                        text_encoder: Any = None, autocast: Any = None,
                         batches: Optional[list[list[int]]] = None) -> tuple[float, int]:
-    """Sum of per-sample MSE over (item, fixed timestep) pairs and their count, for reduction across processes."""
+    """Sum of per-sample MSE over (item, fixed timestep) pairs and their count, for reduction across processes.
+
+    ``text_encoder``: the trained text encoder(s) (one module or the family's list) when the feed gives token ids.
+    """
+    from finetune.training.feed import unet_inputs
+
+    encoders = [] if text_encoder is None else list(text_encoder) if isinstance(text_encoder, (list, tuple)) \
+        else [text_encoder]
     was_training = unet.training
     unet.eval()
-    if text_encoder is not None:
-        text_encoder.eval()
+    for enc in encoders:
+        enc.eval()
     total, count = 0.0, 0
     ts = fixed_timesteps(noise_scheduler.config.num_train_timesteps, k)
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     for indices in (batches if batches is not None else feed.epoch_batches(0)):
         batch = feed.load_batch(indices, 0)
         latents = batch["latents"].to(device, torch.float32)
-        if "encoder_hidden_states" in batch:
-            cond = batch["encoder_hidden_states"].to(device)
-        else:
-            cond = text_encoder(batch["input_ids"].to(device))[0]
+        inputs = unet_inputs(feed.family, batch, encoders, device)
         for j, t in enumerate(ts):
             noise = torch.stack([item_noise(items[i].sha256, j, tuple(latents.shape[1:]), seed)
                                  for i in indices]).to(device)
             timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             with ctx:
-                pred = unet(noisy, timesteps, cond).sample
+                pred = unet(noisy, timesteps, **inputs).sample
             target = training_target(noise_scheduler, prediction_type, latents, noise, timesteps)
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             total += float(per_sample.sum())
             count += int(per_sample.numel())
     unet.train(was_training)
-    if text_encoder is not None and was_training:
-        text_encoder.train()
+    for enc in encoders:
+        if was_training:
+            enc.train()
     return total, count
 
 
@@ -79,14 +84,22 @@ def validation_loss_sum(unet: torch.nn.Module, noise_scheduler: Any, feed: Any, 
 def sample_images(components: dict[str, Any], unet: torch.nn.Module, text_encoder: torch.nn.Module,
                   prompts: list[str], seeds: list[int], steps: int, size: tuple[int, int],
                   device: torch.device) -> list[list[Any]]:
-    """Generate one image per (prompt, seed) with the training weights, using a fast DPM-Solver++ schedule."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """Generate one image per (prompt, seed) with the training weights, using a fast DPM-Solver++ schedule.
 
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"], text_encoder=text_encoder, tokenizer=components["tokenizers"][0], unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(components["noise_scheduler"].config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    The pipeline is the family's (``components["family"]``), built from the training modules: ``text_encoder``
+    is the first (trained) encoder; SDXL's second comes from ``components``, where its LoRA was attached in place.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    from sdloop.families import SD1
+
+    family = components.get("family", SD1)
+    encoders = [text_encoder, *components["text_encoders"][1:]]
+    parts = {**dict(zip(family.text_encoders, encoders)), **dict(zip(family.tokenizers, components["tokenizers"]))}
+    pipe = family.pipeline_class()(
+        vae=components["vae"], unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(components["noise_scheduler"].config), **parts,
+        **family.pipeline_kwargs())
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()

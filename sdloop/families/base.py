@@ -87,6 +87,10 @@ class Family:
         """optimum's onnxruntime pipeline class for this family (needs optimum[onnxruntime])."""
         return getattr(importlib.import_module("optimum.onnxruntime"), self.ort_pipeline_class_name)
 
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """What building the pipeline class from modules needs besides them (no safety checker, no watermark)."""
+        return {}
+
     def text_encoder_class(self, index: int) -> Any:
         return getattr(importlib.import_module("transformers"), self.text_encoder_classes[index])
 

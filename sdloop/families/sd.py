@@ -18,6 +18,9 @@ class SDFamily(Family):
     def encode_ids(self, text_encoders: Sequence[Any], ids: Sequence[Any]) -> TextConditioning:
         return TextConditioning(hidden=text_encoders[0](ids[0])[0])
 
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
     def text_shapes(self, text_encoders: Sequence[Any], tokenizers: Sequence[Any]) -> dict[str, tuple[int, ...]]:
         return {"hidden": (int(tokenizers[0].model_max_length), int(text_encoders[0].config.hidden_size))}
 

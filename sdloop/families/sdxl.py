@@ -33,6 +33,9 @@ class SDXLFamily(Family):
                              "pooled embedding; the second text encoder has none.")
         return TextConditioning(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
 
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {"add_watermarker": False}
+
     def text_shapes(self, text_encoders: Sequence[Any], tokenizers: Sequence[Any]) -> dict[str, tuple[int, ...]]:
         width = sum(int(e.config.hidden_size) for e in text_encoders)
         return {"hidden": (int(tokenizers[0].model_max_length), width),
