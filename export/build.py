@@ -300,23 +300,13 @@ def build_export(run_dir: Path, output: Optional[Path] = None, cfg: Optional[Exp
                        "manifest": m.to_dict()},
         "base_model": m.base_model, "base_fingerprint": m.base_fingerprint, "dataset": m.dataset,
         "dataset_fingerprint": m.dataset_fingerprint, "best_step": m.best_step, "best_val_loss": m.best_val_loss,
-        "evaluation": evaluation_summary(run.eval_dir), "family": run_family(m),
+        "evaluation": evaluation_summary(run.eval_dir), "family": run.family().name,
     }
-    # passed straight in: export_pipeline drops the PyTorch pipeline once exported (an SD-1.5 one is 4 GB)
+    # passed straight in: export_pipeline drops the PyTorch pipeline once exported (an SD-1.5 one is 4 GB). A run
+    # whose base is of another family than its LoRA (a base folder swapped since) is refused by load_pipeline in one
+    # line naming both families.
     return export_pipeline(run.load_pipeline(lora=True), output, cfg, source, cfg.size or run_resolution(run),
                            progress)
-
-
-def run_family(m: Any) -> Optional[str]:
-    """The run's model family: its base's (which tells sd2 from sd1), None where the base cannot be read here (then
-    loading it fails first, in one line)."""
-    from sdloop.errors import UserError
-    from sdloop.families import family_of
-
-    try:
-        return family_of(m.base_model).name
-    except (UserError, OSError):
-        return None
 
 
 def run_resolution(run: Any) -> int:
