@@ -131,17 +131,26 @@ def test_caches_hold_pooled_embeddings_and_the_real_size_and_crop(home: Path, sd
     assert latent_path(cache, "x").parent.name == "latents" and text_path(cache, "x").parent.name == "text"
 
 
-def test_resume_continues_an_sdxl_run(sdxl_run: Path, synth_data: Path, sdxl_base: Path,
-                                      tmp_path: Path) -> None:
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(sdxl_run: Path, tmp_path: Path) -> None:
+    """A kill between the step-3 and the step-6 checkpoints leaves step_000003 as the newest complete one (writes
+    are atomic); resuming from it replays steps 4-6 (UNet, both encoders, EMA, optimizer) to the same LoRA."""
+    from sdloop.atomic import load_safetensors
     from sdloop.runfolder import RunFolder
 
-    run = tmp_path / "resumed"
+    run = tmp_path / "killed"
     shutil.copytree(sdxl_run, run)
-    assert main(["train", "--output", str(run), "--resume", "--max-steps", str(STEPS + 2), "--quiet"]) == 0
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS:06d}")
+    for name in ("manifest.json", "lora/pytorch_lora_weights.safetensors", "lora/lora_kohya.safetensors"):
+        (run / name).unlink()
+    assert main(["train", "--output", str(run), "--resume", "--quiet"]) == 0
     m = RunFolder(run).manifest()
-    assert m.final_step == STEPS + 2 and m.family == "sdxl"
-    steps = [r["step"] for r in RunFolder(run).read_metrics() if "train_loss" in r and "lr" in r]
-    assert steps == list(range(1, STEPS + 3)), "the resumed steps follow the recorded ones"
+    assert m.final_step == STEPS and m.family == "sdxl"
+    resumed = load_safetensors(run / "lora" / "pytorch_lora_weights.safetensors")[0]
+    original = load_safetensors(sdxl_run / "lora" / "pytorch_lora_weights.safetensors")[0]
+    assert resumed.keys() == original.keys()
+    assert all(torch.equal(resumed[k], original[k]) for k in original)
+    steps = [r["step"] for r in RunFolder(run).read_metrics() if "lr" in r]
+    assert steps == list(range(1, STEPS + 1)), "the resumed steps follow the recorded ones"
 
 
 def test_sdloop_eval_runs_on_an_sdxl_run(sdxl_run: Path, tmp_path: Path) -> None:
