@@ -35,7 +35,7 @@ def test_stock_sdxl_pipeline_loads_the_tiny_base_and_draws_64px_fast(sdxl_base: 
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
     assert time.perf_counter() - t0 < 5.0  # about 0.1 s on 2 CPU cores; generous for a busy machine
-    assert json.loads((sdxl_base / "sdloop_base.json").read_text())["family"] == "sdxl"
+    assert json.loads((sdxl_base / "sdloop_base.json").read_text()) == {"kind": "tiny-sdxl", "seed": 3}
 
 
 def test_family_detection(sdxl_base: Path, tiny_base: Path, tmp_path: Path) -> None:

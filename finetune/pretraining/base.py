@@ -206,7 +206,7 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
     pipe = build_tiny_sdxl_pipeline(seed) if family == "sdxl" else build_tiny_pipeline(seed)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / MARKER).write_text(json.dumps({"kind": f"tiny-{family}", "family": family, "seed": seed}))
+        (tmp / MARKER).write_text(json.dumps({"kind": f"tiny-{family}", "seed": seed}))
     return out
 
 
