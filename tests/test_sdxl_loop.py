@@ -30,7 +30,7 @@ REQUEST = {"steps": 2}
 TOKEN = "sdxl-admin-token"
 PROMPTS = ["a red circle", "a blue square", "a large green star", "a small yellow circle"]
 TRAIN = {"max_steps": 4, "validation_every": 2, "sample_every": 4, "sample_steps": 2, "sample_seeds": [0],
-         "early_stopping_patience": 0}
+         "early_stopping_patience": 0, "train_text_encoder": True}   # LoRA on the UNet and both text encoders
 # one thread: a tiny model gains nothing from two, and two OpenMP threads stall on a shared 2-core machine
 EXPORT = ["--steps", "2", "--prompt", "a red circle", "--threads", "1", "--set", "seeds=[0]", "--set", "reps=1",
           "--set", "latency_images=1", "--quiet"]
@@ -154,7 +154,8 @@ def test_the_export_is_an_sdxl_one_that_stock_optimum_loads(loop: dict[str, Any]
     assert m["family"] == "sdxl" and m["parity"]["passed"] and m["native_width"] == m["native_height"] == 64
     assert {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} <= set(m["parts"])
     assert {"tokenizer_2/vocab.json", "text_encoder_2/model.onnx"} <= set(m["files"])
-    assert m["limits"]["max_tokens"] == 77 and "unet" in m["fusion"]["fused_layers"]
+    assert m["limits"]["max_tokens"] == 77
+    assert set(m["fusion"]["fused_layers"]) == {"unet", "text_encoder", "text_encoder_2"}, m["fusion"]
     assert m["parity"]["max_pixel_difference"] <= m["parity"]["tolerance"]["max_pixel_difference"]
     pipe = ORTStableDiffusionXLPipeline.from_pretrained(str(export))  # as is: no export flag, no options
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
