@@ -2,8 +2,8 @@
 
 optimum exports plain diffusers modules; a peft LoRA layer would either fail to trace or be exported as two extra
 matmuls per layer. So the adapter is merged (``fuse_lora``) into every component it touches (the UNet's attention,
-convolutions and feed-forward layers, and the text encoder when it was trained), then unloaded, and two checks make
-sure the result is the model that was trained: no LoRA layer or parameter is left anywhere in the pipeline, and the
+convolutions and feed-forward layers, and the text encoders when they were trained: SDXL's ``text_encoder_2`` too),
+then unloaded, and two checks make sure the result is the model that was trained: no LoRA layer or parameter is left anywhere in the pipeline, and the
 fused pipeline draws the same images as the unfused one (same prompts, same seeds).
 """
 
