@@ -195,15 +195,16 @@ def test_kto_and_dpo_retrainings_end_to_end(served: dict, capsys: pytest.Capture
     dpo, kto = records
     assert (kto["objective"], dpo["objective"]) == ("kto", "dpo")
     assert kto["counts"]["in"] == 11 and kto["counts"]["missing_image"] == 1  # 12 thumbs, one image gone
-    # 6 choices, one with a side gone, + 3 review pairs; the first test's pair is a tie (app and team disagree)
+    # 6 choices here, one with a side gone, + 3 review pairs + the first test's job pair; its first pair is a tie
+    # (app and team chose differently)
     assert dpo["counts"]["missing_image"] == 1 and dpo["counts"]["unknown_pair"] == 1
-    assert dpo["counts"]["in"] == 8 and dpo["counts"]["no_preference"] == 1, dpo["counts"]
+    assert dpo["counts"]["in"] == 9 and dpo["counts"]["no_preference"] == 1, dpo["counts"]
     assert any("unknown_pair" in n["reason"] for n in dpo["notes"])
     data_dir = Path(history[0]["steps"][0]["detail"]["data_dir"])
     lines = [json.loads(x) for x in (data_dir / "preferences.jsonl").read_text().splitlines()]
     by_prompt = {p[4]: p for p in pairs}
-    served_lines = [x for x in lines if not x["rater"].startswith("review:")]
-    assert len(served_lines) == 5
+    served_lines = [x for x in lines if x["prompt"] in by_prompt]
+    assert len(served_lines) == 5 and len(lines) == 9
     for x in served_lines:  # the chosen side is the PNG the caller kept, byte for byte
         _, kept, _, body, _ = by_prompt[x["prompt"]]
         png = next(img["image_png_base64"] for img in body["images"] if img["generation_id"] == kept)
