@@ -13,7 +13,7 @@ from typing import Any, Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from monitor.store_schema import _utc, failures, feedback, generations, reference_windows
+from monitor.store_schema import _utc, choices, failures, feedback, generations, reference_windows
 
 
 class _ReportQueries:
@@ -74,13 +74,15 @@ class _ReportQueries:
             return int(conn.execute(q).scalar())
 
     def count_feedback(self, updated_since: Optional[dt.datetime] = None) -> int:
-        """Feedback rows written (or changed) since ``updated_since`` (all of them when None): what the policy asks
-        for before a retraining has anything new to learn from."""
+        """Feedback rows and two-candidate choices written (or changed) since ``updated_since`` (all of them when
+        None): what the policy asks for before a retraining has anything new to learn from (a choice is what a dpo
+        retraining learns from, as a rating is for sft and kto)."""
         q = sa.select(sa.func.count()).select_from(feedback)
+        c = sa.select(sa.func.count()).select_from(choices)
         if updated_since is not None:
-            q = q.where(feedback.c.updated >= updated_since)
+            q, c = q.where(feedback.c.updated >= updated_since), c.where(choices.c.updated >= updated_since)
         with self.engine.begin() as conn:
-            return int(conn.execute(q).scalar())
+            return int(conn.execute(q).scalar()) + int(conn.execute(c).scalar())
 
     def rating_votes(self, since: Optional[dt.datetime] = None) -> tuple[list[dict[str, Any]], int]:
         """Every feedback row with a rating or a thumb on a generation created since ``since`` (all when None), one

@@ -74,6 +74,7 @@ def test_choices_follow_the_feedback_rules(store: Store, workspace: Path) -> Non
     assert first["rejected"] == a and not first["updated_existing"]
     again = store.add_choice(pid, a, "alice")  # a repeat replaces: one row per rater and pair
     assert again["updated_existing"] and again["chosen"] == a and store.count_choices() == 1
+    assert store.count_feedback() == 1  # a choice is new evidence for the policy's min_new_feedback
     with pytest.raises(UnknownPair):
         store.add_choice("0" * 32, a, "alice")
     with pytest.raises(NotInPair):
