@@ -157,3 +157,15 @@ def test_dpo_pairs_from_choices_and_review_votes(store: Store, workspace: Path, 
     assert any("unknown_pair" in n["reason"] for n in record["notes"])
     assert _tree(workspace) == before
     _readable(data.data_dir, pairs=4)
+
+
+@pytest.mark.parametrize("sets, words", [(["objective=ppo"], "objective='ppo' is invalid"),
+                                         (["objective=dpo", "from_champion=false"], "need from_champion"),
+                                         (["desirable_rating=2"], "desirable_rating=2 is invalid")])
+def test_a_bad_preference_setting_is_one_line(workspace: Path, capsys: pytest.CaptureFixture, sets: list[str],
+                                              words: str) -> None:
+    from sdloop_cli.main import main
+
+    assert main(["retrain", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
