@@ -130,6 +130,10 @@ def _decide(objective: str, examples: dict[str, Example], votes: list[Vote], cfg
 
     settled = settle(votes, select, cfg.max_rater_share)
     full = tally(one_per_rater(votes))  # what the votes say when every one of them counts
+    lead: dict[str, str] = {}  # each example's first counted rater: the line's "rater" (all of them: the record)
+    for v in sorted(one_per_rater(votes), key=lambda v: v.feedback_id):
+        if v.feedback_id not in settled.set_aside:
+            lead.setdefault(v.generation_id, v.rater)
     everyone = {v.generation_id for v in votes}
     kept = set(settled.kept)
     counts: Counter = Counter()
@@ -141,7 +145,8 @@ def _decide(objective: str, examples: dict[str, Example], votes: list[Vote], cfg
              "raters": sorted(t.raters) if t else [], "decision": "out"}
         if key in kept and t is not None:
             word, why = verdict(t)
-            e.update(decision="in", reason=why, weight=1.0 if ex.kind == "single" else round(abs(t.thumbs or 0), 4),
+            e.update(decision="in", reason=why, rater=lead.get(key, ""),
+                     weight=1.0 if ex.kind == "single" else round(abs(t.thumbs or 0), 4),
                      label=word if ex.kind == "single" else None,
                      first_wins=(t.thumbs or 0) > 0 if ex.kind == "pair" else None)
         elif ex.problem:
@@ -173,7 +178,9 @@ def _decide(objective: str, examples: dict[str, Example], votes: list[Vote], cfg
 # -- the folder ---------------------------------------------------------------------------------------------------
 
 def _line(e: dict[str, Any], files: list[str]) -> dict[str, Any]:
-    rater = ",".join(e["raters"])
+    """The preferences.jsonl line of an example: its first counted rater names it (``sdloop data check`` counts
+    lines per rater); every counted rater is in the record."""
+    rater = e["rater"]
     if e["kind"] == "single":
         return {"prompt": e["prompt"], "image": files[0], "label": e["label"], "rater": rater, "weight": e["weight"]}
     chosen, rejected = (files[0], files[1]) if e["first_wins"] else (files[1], files[0])
