@@ -1,4 +1,5 @@
-"""Preference data from the loop: what users preferred, as a preference dataset folder a kto or dpo retraining trains on.
+"""Preference data from the loop: what users preferred, as a preference dataset folder a kto or dpo retraining
+trains on.
 
 Where ``monitor.retrain_data`` keeps only the generations users liked (sft), a preference objective learns from
 the rest of the evidence too:

@@ -144,7 +144,7 @@ def test_dpo_pairs_from_choices_and_review_votes(store: Store, workspace: Path, 
     data = build_preference_data(store, MonitorConfig.from_dict({"max_rater_share": 1.0}), tmp_path / "dpo", "dpo")
     lines = [json.loads(x) for x in (data.data_dir / PREFERENCES).read_text().splitlines()]
     # 2 choices (the third has a side missing) + review pairs 0 and 2 (pair 1: no preference)
-    assert len(lines) == 4 and data.counts["in"] == 4, [(e["key"], e["decision"], e["reason"]) for e in json.loads(data.record.read_text())["examples"]]
+    assert len(lines) == 4 and data.counts["in"] == 4, json.loads(data.record.read_text())["examples"]
     assert data.counts["missing_image"] == 1 and data.counts["unknown_pair"] == 1
     assert data.counts["no_preference"] == 1 and data.counts["unsigned"] == 1
     for x in lines:
