@@ -5,11 +5,12 @@ The phases read top to bottom in ``retrain``: data (the champion's data plus wel
 held out for the gate; with ``objective`` kto or dpo, the preference data of ``monitor.preference_data``), train
 (the champion's config, optionally starting from its LoRA; kto/dpo against it as the reference), compare (the
 evaluation stage's paired comparison on fixed prompts and seeds, KID against the held-out generations: images
-neither model trained on; the pixel checker's preference win rate recorded beside it), the quality gate (a worse challenger is rejected before an export is spent on it), export,
-publish (a candidate version), the export gate (parity, latency), promote. Every phase is a row in the retraining
-log. Only the last phase touches the champion, through the registry's atomic pointer, so a crash or a failed gate
-anywhere leaves the champion serving; one lock keeps two retrainings (manual and scheduled) from overlapping, and
-rows left running by a killed process are marked interrupted by the next one, which starts in a fresh folder.
+neither model trained on; the pixel checker's preference win rate recorded beside it), the quality gate (a worse
+challenger is rejected before an export is spent on it), export, publish (a candidate version), the export gate
+(parity, latency), promote. Every phase is a row in the retraining log. Only the last phase touches the champion,
+through the registry's atomic pointer, so a crash or a failed gate anywhere leaves the champion serving; one lock
+keeps two retrainings (manual and scheduled) from overlapping, and rows left running by a killed process are marked
+interrupted by the next one, which starts in a fresh folder.
 """
 
 from __future__ import annotations
