@@ -25,7 +25,8 @@ import numpy as np
 
 from export.errors import ExportError, ParityError
 
-PARTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# every graph optimum writes for the families it exports (SD3 and Flux have a transformer and a third encoder)
+PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder")
 GRAPH = "model.onnx"
 DATA_SUFFIX = "_data"          # optimum's name for a graph's external data: model.onnx_data
 MAX_PSNR = 100.0               # identical images: PSNR is infinite; JSON has no infinity, so it is capped here

@@ -40,10 +40,11 @@ from sdloop.errors import UserError
 MARKER = "sdloop_export.json"
 MANIFEST = "manifest.json"
 SCHEMA = 2
-# What every export must hold to be served, whatever its family: optimum's pipeline index, the UNet and VAE decoder
-# graphs and the scheduler config; the family adds a graph per text encoder and a folder per tokenizer
-# (``required_for``). vae_encoder is optional (img2img only).
-REQUIRED = ("model_index.json", "unet/model.onnx", "vae_decoder/model.onnx", "scheduler/")
+# What every export must hold to be served: optimum's pipeline index, and per component of its family
+# (``Family.components()``, ``required_for``) a graph for each model (the VAE's decoder: ``vae_decoder/``) and a folder
+# for each tokenizer and the scheduler. vae_encoder is optional (img2img only). A folder whose family cannot be told
+# is held to the parts every family has (``REQUIRED``).
+REQUIRED = ("model_index.json", "vae_decoder/model.onnx", "scheduler/")
 # Not part of the hashed content: the manifest (it holds the table), the marker, BentoML's record of a stored version
 # (``model.yaml``, written by the store beside the export's files), and TensorRT's engine cache, which onnxruntime
 # writes beside the graphs when a session starts.
@@ -380,9 +381,13 @@ def _layout(family: Any) -> tuple[Any, ...]:
 
 
 def required_for(family: Any) -> tuple[str, ...]:
-    """What an export of ``family`` must hold: the common parts, a graph per text encoder, a folder per tokenizer."""
-    return (*REQUIRED, *(f"{enc}/model.onnx" for enc in family.text_encoders),
-            *(f"{tok}/" for tok in family.tokenizers))
+    """What an export of ``family`` must hold in optimum's layout: ``model_index.json``, and for each of the family's
+    components its graph (the VAE by its decoder) or, for a tokenizer or the scheduler, its folder. Derived from the
+    family alone, so the next family (a ``transformer/`` instead of a ``unet/``) needs nothing here."""
+    folders = (*family.tokenizers, "scheduler")
+    parts = ["vae_decoder/model.onnx" if c == "vae" else f"{c}/" if c in folders else f"{c}/model.onnx"
+             for c in family.components()]
+    return ("model_index.json", *parts)
 
 
 def limits_for(native: int, side_multiple: int, max_tokens: int) -> dict[str, int]:
