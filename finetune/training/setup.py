@@ -97,6 +97,8 @@ def open_run_folder(cfg: TrainConfig, resume: bool, main: bool) -> RunFolder:
         if changed:
             raise SetupError(f"cannot resume {out} with a different config ({', '.join(changed)} changed); "
                              "resume with the run's own config.yaml, or start a new --output.")
+        if old.get("base") and new.get("base") and old["base"] != new["base"]:
+            check_resume_base(out, str(old["base"]), str(new["base"]))
     elif non_empty and run.has_progress():
         raise SetupError(f"{out} already holds a run. Pass --resume to continue it, or choose another --output.")
     if main:
@@ -107,6 +109,20 @@ def open_run_folder(cfg: TrainConfig, resume: bool, main: bool) -> RunFolder:
             run.write_marker({"sdloop_version": finetune.__version__,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return run
+
+
+def check_resume_base(out: Path, old: str, new: str) -> None:
+    """A --resume with another --base: refuse one of another model family before anything loads (one line naming
+    both). An old base that is gone cannot be read; the checkpoint's recorded family is checked later anyway."""
+    from sdloop.families import check_same_layout, family_of
+    from sdloop.pipelines import BaseModelError
+
+    try:
+        before = family_of(old)
+    except BaseModelError:
+        return
+    check_same_layout(before, family_of(new), f"cannot resume {out} on the base {new} (the run's family vs the "
+                      "base's)", "resume with the run's own base, or start a new --output.")
 
 
 # -- phase 2: the data --------------------------------------------------------------------------------------------
