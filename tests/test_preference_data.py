@@ -169,3 +169,29 @@ def test_a_bad_preference_setting_is_one_line(workspace: Path, capsys: pytest.Ca
     assert main(["retrain", *[a for s in sets for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_5_store_migrates_to_6_keeping_its_rows(backend: str, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    import datetime as dt
+
+    from monitor.store import MIGRATIONS, SCHEMA_VERSION, _versions, generations
+
+    url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_db")
+    old = Store(url, migrate=False)
+    now = dt.datetime.now(dt.timezone.utc)
+    with old.engine.begin() as conn:  # a store as version 5 left it, with rows
+        _versions.create(conn)
+        for version in range(1, 6):
+            MIGRATIONS[version - 1](conn)
+            conn.execute(_versions.insert().values(version=version, applied=now))
+        for gid in ("g1", "g2"):
+            conn.execute(generations.insert().values(id=gid, created=now, prompt="p", negative_prompt="", params={},
+                                                     model_version="m", latency_s=0.1, descriptors={}))
+    old.close()
+    new = Store(url)
+    assert new.schema_version() == SCHEMA_VERSION == 6 and new.get_generation("g1")["prompt"] == "p"
+    pid = new.create_pair(["g1", "g2"])
+    assert new.add_choice(pid, "g2", "alice")["rejected"] == "g1" and new.migrate() == []
+    new.close()
