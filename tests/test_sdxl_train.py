@@ -209,3 +209,26 @@ def test_wrong_family_combinations_are_one_line(sdxl_run: Path, tiny_base: Path,
         old.update(pipeline_class=cls, prediction_type=pred)
         (moved / "manifest.json").write_text(json.dumps(old))
         assert RunFolder(moved).manifest().family == family
+
+
+def test_crop_geometry_of_buckets_random_crops_and_flips() -> None:
+    """What SDXL's time ids are made of: the source (height, width) and the crop corner in the source scaled to
+    cover the bucket, mirrored by a flip (pure augmentation, no model)."""
+    import random
+
+    from PIL import Image
+
+    from finetune.data.augment import augment_image_geometry
+    from finetune.training.config import AugmentConfig
+
+    img = Image.new("RGB", (200, 100))
+    out, g = augment_image_geometry(img, (64, 64), AugmentConfig(), random.Random(0), augment=False)
+    assert out.size == (64, 64) and g.original_size == (100, 200) and g.crop_top_left == (0, 32)
+    _, g = augment_image_geometry(img, (128, 64), AugmentConfig(), random.Random(0), augment=False)
+    assert g.crop_top_left == (0, 0), "a bucket of the image's aspect takes all of it"
+    corners = []
+    for flip in (0.0, 1.0):  # the same draws: the same crop box, then mirrored or not
+        cfg = AugmentConfig(crop_p=1.0, crop_scale_min=1.0, flip_p=flip)
+        corners.append(augment_image_geometry(img, (64, 64), cfg, random.Random(5))[1].crop_top_left)
+    (top, left), (ftop, fleft) = corners
+    assert top == ftop == 0 and 0 < left < 64 and abs(left + fleft - 64) <= 1, corners
