@@ -31,9 +31,10 @@ TOKEN = "sdxl-admin-token"
 PROMPTS = ["a red circle", "a blue square", "a large green star", "a small yellow circle"]
 TRAIN = {"max_steps": 4, "validation_every": 2, "sample_every": 4, "sample_steps": 2, "sample_seeds": [0],
          "early_stopping_patience": 0, "train_text_encoder": True}   # LoRA on the UNet and both text encoders
+CHECKS = ["--steps", "2", "--prompt", "a red circle", "--set", "seeds=[0]", "--set", "reps=1", "--set",
+          "latency_images=1", "--quiet"]
 # one thread: a tiny model gains nothing from two, and two OpenMP threads stall on a shared 2-core machine
-EXPORT = ["--steps", "2", "--prompt", "a red circle", "--threads", "1", "--set", "seeds=[0]", "--set", "reps=1",
-          "--set", "latency_images=1", "--quiet"]
+EXPORT = [*CHECKS, "--threads", "1"]
 SETTINGS = {
     "min_generations": 4, "min_feedback": 4, "min_new_feedback": 4, "current_hours": 1, "cooldown_hours": 1,
     "train_overrides": {"max_steps": 2, "validation_every": 2, "sample_every": 2, "sample_steps": 2,
@@ -161,6 +162,27 @@ def test_the_export_is_an_sdxl_one_that_stock_optimum_loads(loop: dict[str, Any]
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all() and float(image.max() - image.min()) > 0.01
+
+
+def _has(provider: str) -> bool:
+    import onnxruntime as ort
+
+    return provider in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _has("CUDAExecutionProvider"),
+                    reason="needs an NVIDIA GPU with onnxruntime-gpu (none on this machine or in CI)")
+def test_the_sdxl_run_exports_for_cuda_in_fp16_on_a_gpu(loop: dict[str, Any], tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "cuda"
+    _ok("export", str(loop["run"]), "--output", str(out), "--target", "cuda", *CHECKS)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["family"] == "sdxl" and m["precision"] == "fp16" and m["parity"]["passed"]
+    assert m["runtime"]["providers"][0][0] == "CUDAExecutionProvider" and m["runtime"]["use_io_binding"]
+    assert {"unet", "text_encoder", "text_encoder_2", "vae_decoder"} <= set(m["optimizations"]["cuda"])
+    unet = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False)
+    assert unet.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
 def test_a_manifest_naming_the_wrong_family_is_refused_at_publish(loop: dict[str, Any]) -> None:
