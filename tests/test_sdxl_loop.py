@@ -192,6 +192,20 @@ def test_a_manifest_naming_the_wrong_family_is_refused_at_publish(loop: dict[str
     assert "says sd1" in err and "sdxl export" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("part", ["text_encoder_2", "tokenizer_2"])
+def test_publish_requires_the_sdxl_components(loop: dict[str, Any], part: str) -> None:
+    from sdloop.exportfolder import file_table
+
+    lacking = _forged(loop["export"], loop["root"], "sdxl")
+    shutil.rmtree(lacking / part)
+    m = json.loads((lacking / "manifest.json").read_text())
+    m["files"] = file_table(lacking)  # re-tabled, as a careful forger would: only the family's parts tell
+    (lacking / "manifest.json").write_text(json.dumps(m))
+    code, out, err = _cli("models", "publish", str(lacking))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"lists no {part}" in err and "an sdxl export needs it" in err
+
+
 def test_an_sd1_export_relabelled_sdxl_is_refused_at_publish_and_load(
         loop: dict[str, Any], tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     from serve_support import shared_store
