@@ -14,6 +14,7 @@ over to a function here:
   fresh adapter, B = 0, i.e. the base) into a second, frozen peft adapter named ``reference``; its prediction is
   taken with that adapter active and no gradient. At step 0 the two are the same weights: the DPO loss is log 2 and
   every KTO reward 0 (tested).
+- conditioning: the family's (``finetune.training.feed.unet_inputs``), so SD 1.x/2.x and SDXL train alike.
 - step and validation: the same noise and timestep for both images of a pair and for model and reference; uniform
   timesteps in training, the fixed timesteps and item-keyed noise of the plain validation in validation, where the
   loss of the whole validation split is one number (KTO's reference point over the whole split), with the implicit
@@ -85,9 +86,6 @@ def preference_data(cfg: TrainConfig, run: Any, resume: bool, progress: bool, ev
     if name is None:
         raise SetupError(f"objective={cfg.objective} learns from preferences, and {cfg.data} is a plain captioned "
                          f"dataset; pass {PREFERENCE_FORMAT_HINT}, or use objective=sft.")
-    if cfg.objective != "sft" and _family(cfg.base) == "sdxl":
-        raise SetupError(f"objective={cfg.objective} runs on SD 1.x/2.x bases for now (the preference step does not "
-                         "pass SDXL's pooled embedding and size conditioning yet); use objective=sft on this base.")
     if cfg.objective != "sft" and cfg.train_text_encoder:
         raise SetupError(f"objective={cfg.objective} trains the UNet's LoRA against a frozen reference UNet; set "
                          "train_text_encoder=false.")
@@ -136,16 +134,6 @@ def preference_data(cfg: TrainConfig, run: Any, resume: bool, progress: bool, ev
     return data
 
 
-def _family(base: str) -> str:
-    """The base's model family name, or "" when the base cannot be read yet (the model phase says why)."""
-    from sdloop.pipelines import base_info
-
-    try:
-        return getattr(base_info(base), "family", "")
-    except Exception:  # noqa: BLE001 - the model phase reports an unreadable base in its own words
-        return ""
-
-
 def _check_pair_buckets(cfg: TrainConfig, records: list[PreferenceRecord], items: list[Any],
                         refs: list[list[int]]) -> None:
     """Both images of a pair must land in one bucket: they share the noise, so their latents must have one shape."""
@@ -190,7 +178,7 @@ class RecordFeed:
         batch = self.images.load_batch([r[0] for r in refs], 0)
         if self.objective == "dpo":
             other = self.images.load_batch([r[1] for r in refs], 0)
-            batch = {k: torch.cat([batch[k], other[k]]) for k in batch}
+            batch = {k: torch.cat([batch[k], other[k]]) for k in batch}  # every tensor: latents, states, time ids
         device = batch["latents"].device
         batch["weight"] = torch.tensor([self.records[i].weight for i in indices], device=device)
         batch["desirable"] = torch.tensor([self.records[i].desirable for i in indices], device=device)
@@ -248,17 +236,20 @@ def reference_mode(unet: Any) -> Iterator[None]:
 
 def errors(m: Any, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
            model: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row denoising errors of the model and of the reference on the same noisy latents (reference first)."""
+    """Per-row denoising errors of the model and of the reference on the same noisy latents (reference first).
+
+    The UNet is conditioned the family's way (``unet_inputs``: SDXL's pooled embedding and size/crop time ids too)."""
+    from finetune.training.feed import unet_inputs
     from finetune.training.validate import training_target
 
     latents = batch["latents"].to(m.device, torch.float32)
-    cond = batch["encoder_hidden_states"].to(m.device)
+    kwargs = unet_inputs(m.family, batch, None, m.device)
     noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(m.noise_scheduler, m.prediction_type, latents, noise, timesteps)
     with reference_mode(m.raw_unet), m.autocast:
-        ref = denoising_error(m.raw_unet(noisy, timesteps, cond).sample, target)
+        ref = denoising_error(m.raw_unet(noisy, timesteps, **kwargs).sample, target)
     with m.autocast:
-        pred = (model or m.unet)(noisy, timesteps, cond).sample
+        pred = (model or m.unet)(noisy, timesteps, **kwargs).sample
     return denoising_error(pred, target), ref
 
 
