@@ -162,10 +162,13 @@ def loop_turn(concept: str, quiet: bool, first: int, total: int, steps: int = 0)
     from sdloop.champion import current_champion_tag
     from sdloop.workspace import monitor_dir
 
-    from finetune.demo import DEMO_OBJECTIVE
+    from finetune.demo import DEMO_OBJECTIVE, DEMO_OBJECTIVE_LR
 
-    cfg = MonitorConfig.from_dict({**demo_monitor_settings(steps or 40),
-                                   "gate_prompts": eval_captions(8, 1, concept=concept), "objective": DEMO_OBJECTIVE})
+    settings = demo_monitor_settings(steps or 40)
+    if DEMO_OBJECTIVE != "sft":  # the preference objective at the rate its benchmark chose, from the champion's LoRA
+        settings["train_overrides"]["learning_rate"] = DEMO_OBJECTIVE_LR
+    cfg = MonitorConfig.from_dict({**settings, "gate_prompts": eval_captions(8, 1, concept=concept),
+                                   "objective": DEMO_OBJECTIVE})
     log = monitor_dir() / "demo-server.log"
     print(f"[{first}/{total}] serve: `sdloop serve` on 127.0.0.1 (1 worker; log {log})", flush=True)
     with served(log, progress=not quiet) as url:

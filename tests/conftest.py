@@ -164,3 +164,9 @@ def postgres_db() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The README's commands first: they are the longest file (the demo at full size, then every section in order),
+    so with several workers (`-n`) it starts at once beside the rest instead of running alone at the end."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_readme_commands.py"))

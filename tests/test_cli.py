@@ -1,4 +1,5 @@
-"""The command line: help everywhere, clear errors with exit codes, the base command, data check and the demo."""
+"""The command line: help everywhere, clear errors with exit codes, the base command and data check (the demo runs
+as the README's first command, in tests/test_readme_commands.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from sdloop.runfolder import RunFolder
-from PIL import Image
 
 from sdloop_cli.main import main
 
@@ -127,32 +126,3 @@ def test_config_file_and_flags_precedence(tmp_path: Path) -> None:
     cfg = build_train_config(ns)
     assert cfg.learning_rate == 0.0002 and cfg.rank == 32 and cfg.augment.flip_p == 0.25
     assert cfg.augment.hue == 0.05 and cfg.data_config.validation_split == 0.2
-
-
-def test_demo_runs_the_loop_offline(workspace: Path, capsys) -> None:
-    assert main(["demo", "--steps", "6", "--n", "16", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "run folder:" in out and "best step:" in out and "data report:" in out
-    runs = [p for p in (workspace / "runs").iterdir() if not p.name.startswith("retrain-")]
-    assert len(runs) == 1
-    run = runs[0]
-    # one turn of the loop: served, rated, checked, retrained, with the outcome and the report printed
-    assert "verdict:" in out and "evidently ui --workspace" in out
-    assert "PROMOTED" in out or "REJECTED" in out
-    report = Path(out.split("      report: ")[-1].split()[0])
-    assert report.is_file() and report.is_relative_to(workspace / "monitor" / "reports")
-    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    grids = sorted((run / "samples").glob("*.png"))
-    assert grids and Image.open(grids[-1]).size[0] >= 128
-    assert RunFolder(run).manifest().to_dict()["final_step"] == 6
-    # the natural next steps need no extra flags: the demo's run (no validation split) records its evaluation
-    # prompts and reference images, which eval, review and a retraining's comparison use
-    from finetune.evaluation.inputs import default_prompts
-
-    recorded = RunFolder(run).read_eval_defaults()
-    assert recorded and recorded["reference"].is_dir() and "brown" in " ".join(recorded["prompts"])
-    assert default_prompts(RunFolder(run)) == list(dict.fromkeys(recorded["prompts"]))
-    capsys.readouterr()
-    assert main(["eval", str(run), "--n", "8", "--steps", "2", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "decides" in out and (run / "eval" / "eval.json").is_file()
