@@ -113,6 +113,7 @@ def _summary(v: Any, events: list[dict[str, Any]], state: dict[str, Any]) -> lis
              f"  runtime:      {md.get('target', v.labels.get('target', '?'))}/"
              f"{md.get('precision', v.labels.get('precision', '?'))}, {providers}, "
              f"{rt.get('intra_op_num_threads', '?')} intra-op thread(s)",
+             f"  family:       {md.get('family') or 'sd1 (recorded before families)'}",
              f"  native size:  {md.get('native_width', '?')}x{md.get('native_height', '?')}",
              f"  limits:       sides {lim.get('min_side', '?')}-{lim.get('max_side', '?')} px, multiples of "
              f"{lim.get('side_multiple', '?')}; prompts up to {lim.get('max_tokens', '?')} tokens",

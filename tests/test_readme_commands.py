@@ -126,6 +126,10 @@ CHECKS: list[tuple[str, Callable[[Shell, str], None]]] = [
     ("sdloop monitor report --since", lambda sh, out: (sh.cwd / "weekly").is_dir() or _fail(out)),
     ("sdloop monitor check", lambda sh, out: "verdict" in out.lower() or _fail(out)),
     ("sdloop retrain\n", lambda sh, out: ("PROMOTED" in out or "REJECTED" in out) or _fail(out)),
+    ("sdloop retrain --objective", lambda sh, out: ("PROMOTED" in out or "REJECTED" in out) or _fail(out)),
+    ("sdloop export runs/sdxl", lambda sh, out: json.loads((sh.cwd / "sdloop-home/exports/sdxl-cpu-fp32/manifest.json")
+                                                           .read_text())["family"] == "sdxl" or _fail(out)),
+    ("/choose", lambda sh, out: _json_ok(out)),
     ("sdloop retrain history", lambda sh, out: "retrain" in out or _fail(out)),
     ("sdloop scheduler status", lambda sh, out: "monitor" in out and "retrain" in out or _fail(out)),
 ]

@@ -201,7 +201,8 @@ def test_models_list_and_show_say_what_each_figure_is(export_dir: Path, store: P
     assert len(lines) <= 16, lines
     text = "\n".join(lines)
     for words in ("source run:   int8-run", "runtime:      cpu/int8, CPUExecutionProvider, 1 intra-op thread(s)",
-                  "native size:", "limits:", "parity:       vs PyTorch fp32", "(not a quality score)",
+                  "family:       sd1", "native size:", "limits:", "parity:       vs PyTorch fp32",
+                  "(not a quality score)",
                   "unpaired, noisy", "steps, 1 thread(s)", "champion:     no (the champion is none yet",
                   "damaged:      no", f"sdloop models show {tag} --json"):
         assert words in text, (words, text)
