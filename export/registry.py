@@ -20,19 +20,18 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from export.errors import RegistryError
 from sdloop import champion as ch
 from sdloop import modelstore
 from sdloop.champion import MODEL_NAME
 from sdloop.errors import one_line
-from sdloop.exportfolder import MANIFEST, MARKER, ExportFolder, ExportFolderError, ExportManifest
+from export.store_copy import clean_metadata, filler, read_nofollow
+from sdloop.exportfolder import MARKER, ExportFolder, ExportFolderError
 
 MANIFEST_LABEL = "manifest_sha256"
 
@@ -212,58 +211,6 @@ def history(name: str = MODEL_NAME) -> list[dict[str, Any]]:
 
 # -- publish -----------------------------------------------------------------------------------------------------------
 
-def _clean(value: Any) -> Any:
-    """A JSON value BentoML's metadata accepts (it refuses None)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_clean(v) for v in value if v is not None]
-    return value
-
-
-def _copy_file(src: Path, dst: Path, rel: str, entry: dict[str, Any]) -> None:
-    """Copy one regular file without following a link, hashing what is copied: a file swapped after the check (a
-    link to a private file included) cannot reach the store, as its bytes would not match the manifest."""
-    try:
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise ExportFolderError(f"{rel} cannot be read without following a link ({e.strerror or e}); an export "
-                                "holds regular files only.") from None
-    h = hashlib.sha256()
-    size = 0
-    with os.fdopen(fd, "rb") as fin:
-        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
-            raise ExportFolderError(f"{rel} is not a regular file; an export holds regular files only.")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with open(dst, "wb") as fout:
-            for chunk in iter(lambda: fin.read(1 << 20), b""):
-                h.update(chunk)
-                size += len(chunk)
-                fout.write(chunk)
-    if size != entry["bytes"] or h.hexdigest() != entry["sha256"]:
-        raise ExportFolderError(f"{rel} changed while it was published (it no longer matches the manifest); "
-                                "nothing was published.")
-
-
-def _filler(src: Path, manifest: ExportManifest, manifest_bytes: bytes, marker_bytes: bytes,
-            then: Callable[[], None]) -> Callable[[Path], None]:
-    """Fill BentoML's new version folder; ``then`` runs last (it takes the lock before BentoML moves the version into
-    the store, so the long copy above runs without it)."""
-    def fill(dst: Path) -> None:
-        for rel, entry in sorted(manifest.files.items()):
-            _copy_file(src / rel, dst / rel, rel, entry)
-        (dst / MANIFEST).write_bytes(manifest_bytes)
-        (dst / MARKER).write_bytes(marker_bytes)
-        then()
-    return fill
-
-
-def _read_nofollow(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
 def publish(export_dir: Path, name: str = MODEL_NAME) -> tuple[str, bool]:
     """Save an export folder as a new, read-only version; return (tag, created). An export already published (and
     intact) is not copied again: its tag comes back with created=False.
@@ -283,7 +230,7 @@ def publish(export_dir: Path, name: str = MODEL_NAME) -> tuple[str, bool]:
     if not folder.is_finished():
         raise RegistryError(f"{src} is an unfinished export (stopped or still running); export the run again.")
     try:
-        manifest_bytes, marker_bytes = _read_nofollow(folder.manifest_path), _read_nofollow(folder.marker_path)
+        manifest_bytes, marker_bytes = read_nofollow(folder.manifest_path), read_nofollow(folder.marker_path)
     except OSError as e:
         raise RegistryError(f"{src}: its manifest or marker cannot be read without following a link "
                             f"({e.strerror or e}); an export holds regular files only.") from None
@@ -299,11 +246,11 @@ def publish(export_dir: Path, name: str = MODEL_NAME) -> tuple[str, bool]:
     labels = {"kind": "sdloop-export", "export_id": manifest.export_id, "source_run": str(run.get("name", "")),
               "target": manifest.target, "precision": manifest.precision,
               MANIFEST_LABEL: hashlib.sha256(manifest_bytes).hexdigest()}
-    metadata = _clean({k: v for k, v in manifest.to_dict().items() if k not in ("source_run", "files")})
-    metadata["source_run"] = _clean({"name": run.get("name"), "path": run.get("path")})
+    metadata = clean_metadata({k: v for k, v in manifest.to_dict().items() if k not in ("source_run", "files")})
+    metadata["source_run"] = clean_metadata({"name": run.get("name"), "path": run.get("path")})
     metadata["export_dir"] = str(src)
     with contextlib.ExitStack() as held:  # the lock from the end of the copy until the version is in the store
-        tag, path = modelstore.create(name, labels, metadata, _filler(
+        tag, path = modelstore.create(name, labels, metadata, filler(
             src, manifest, manifest_bytes, marker_bytes, lambda: held.enter_context(ch.lock(name))))
     damage = _damage(modelstore.StoredVersion(tag, path, None, labels))  # hashes the stored copy: caches the check
     if damage:
