@@ -243,8 +243,9 @@ def _train_values(c: _Ctx, data_dir: Path, output: Path) -> dict[str, Any]:
     """The champion's training config, on the new data, into a new run, then the configured overrides."""
     values = _champion_config(c.champion_run)
     values.update(data=str(data_dir), output=str(output), init_lora=str(c.champion_run) if c.cfg.from_champion else "")
-    if c.cfg.objective != "sft":  # the champion's LoRA, frozen, is the reference (finetune/training/preference_run)
-        values["objective"] = c.cfg.objective
+    # the retraining's objective, not the champion's: a champion a dpo retraining made is retrained with sft on a plain
+    # dataset when the settings say sft (with kto/dpo its LoRA, frozen, is the reference: finetune/training/preference_run)
+    values["objective"] = c.cfg.objective
     for key, value in c.cfg.train_overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **value}

@@ -274,3 +274,21 @@ def test_hosts_sharing_one_postgresql_exclude_each_other(tmp_path: Path, postgre
         child.wait()
     with hold(tmp_path / "b.lock", "retraining", db_url=url):  # released with the dead session
         pass
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_the_retraining_trains_with_its_own_objective_not_the_champions(objective: str, tmp_path: Path) -> None:
+    """A champion a dpo retraining made (its config.yaml says dpo) is retrained with the settings' objective: sft
+    on the plain retraining data (the README's `sdloop retrain` after the demo failed on this), dpo on preferences."""
+    from monitor.retrain import _Ctx, _train_values
+
+    run = tmp_path / "champion"
+    run.mkdir()
+    (run / "sdloop_run.json").write_text("{}")
+    (run / "config.yaml").write_text("objective: dpo\nlearning_rate: 0.0001\nmax_steps: 200\n")
+    cfg = MonitorConfig(objective=objective, train_overrides={"max_steps": 40})
+    ctx = _Ctx(cfg=cfg, log=None, rid="r", champion=None, champion_run=run, work=tmp_path, progress=False,
+               say=print)
+    values = _train_values(ctx, tmp_path / "data", tmp_path / "out")
+    assert values["objective"] == objective and values["max_steps"] == 40 and values["learning_rate"] == 0.0001
+    assert values["init_lora"] == str(run)
