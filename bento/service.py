@@ -42,10 +42,10 @@ def _info(request: Any) -> Any:
 
 
 def _jobs(name: str) -> Any:
-    async def endpoint(request: Any) -> Any:  # bento/jobs.py (its metrics) loads in the workers only
-        from bento import jobs
+    async def endpoint(request: Any) -> Any:  # bento/job_routes.py (its metrics) loads in the workers only
+        from bento import job_routes
 
-        return await getattr(jobs, name)(request)
+        return await getattr(job_routes, name)(request)
 
     return endpoint
 
