@@ -74,8 +74,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("      curl -s localhost:3000/info        # the version served, its native size (the default), providers")
     print("      curl -s -X POST localhost:3000/txt2img -H 'Content-Type: application/json' "
           f"-d '{{\"prompt\": \"{_demo_prompt(concept)}\", \"seed\": 0}}' -D - -o image.png")
+    print("      ID=$(curl -s -D - -o /dev/null -X POST localhost:3000/txt2img -H 'Content-Type: application/json' "
+          "-d '{\"prompt\": \"a red circle\"}' | tr -d '\\r' | awk -F': ' 'tolower($1) == \"x-generation-id\" "
+          "{print $2}')")
     print("      curl -s -X POST localhost:3000/feedback -H 'Content-Type: application/json' "
-          "-d '{\"generation_id\": \"<X-Generation-Id from above>\", \"rating\": 5}'")
+          "-d '{\"generation_id\": \"'$ID'\", \"rating\": 5}'   # rate the image you got")
     return 0
 
 
