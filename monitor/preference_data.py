@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from monitor.raters import Tally, Vote, one_per_rater, settle, tally
 from monitor.retrain_data import _check_out_dir, _fsync_tree, _place
 from monitor.retrain_select import _holdout_rank, holdout_size
 from monitor.store import Store
-from sdloop.atomic import current_umask
+from sdloop.atomic import temp_dir_beside
 
 RECORD_NAME = "preference_data.json"
 PREFERENCES = "preferences.jsonl"
@@ -225,12 +224,9 @@ def build_preference_data(store: Store, cfg: MonitorConfig, out_dir: Path, objec
     positives = [e for e in chosen if e["kind"] == "pair" or e["label"] == "desirable"]
     held = {e["key"] for e in sorted(positives, key=lambda e: _holdout_rank(e["key"]))[
         :holdout_size(len(positives), cfg.gate_holdout_share) if gate else 0]}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    gate_tmp = Path(tempfile.mkdtemp(prefix=f".{gate.name}.tmp-", dir=gate.parent)) if gate else None
+    tmp = temp_dir_beside(out)
+    gate_tmp = temp_dir_beside(gate) if gate else None
     try:
-        for folder in (tmp, gate_tmp):
-            if folder:
-                os.chmod(folder, 0o777 & ~current_umask())
         lines = []
         for e in chosen:
             ex = examples[e["key"]]

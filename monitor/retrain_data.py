@@ -31,7 +31,6 @@ import os
 import posixpath
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from finetune.data.files import display, inside
 from monitor.config import MonitorConfig
 from monitor.retrain_select import select_generations
 from monitor.store import Store
-from sdloop.atomic import check_writable_dir, current_umask
+from sdloop.atomic import check_writable_dir, temp_dir_beside
 from sdloop.errors import UserError
 from sdloop.runfolder import RunFolder
 
@@ -216,12 +215,9 @@ def build_retrain_data(champion_run: Path, store: Store, cfg: MonitorConfig, out
     out = _check_out_dir(Path(out_dir), [dataset, run.path])
     gate = _check_out_dir(Path(gate_dir), [dataset, run.path, out]) if gate_dir is not None else None
     files, counts, raters = _plan(run, dataset, data_cfg, store, cfg, since, hold_out=gate is not None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    gate_tmp = Path(tempfile.mkdtemp(prefix=f".{gate.name}.tmp-", dir=gate.parent)) if gate else None
+    tmp = temp_dir_beside(out)
+    gate_tmp = temp_dir_beside(gate) if gate else None
     try:
-        for folder in (tmp, gate_tmp):
-            if folder:
-                os.chmod(folder, 0o777 & ~current_umask())
         placed = {"linked": 0, "copied": 0}
         chosen = [f for f in files if f["decision"] in ("in", "gate")]
         for f in tqdm(chosen, desc="collecting retraining data", unit="img", disable=not progress, file=sys.stderr):

@@ -71,6 +71,14 @@ def write_json_atomic(path: Path, data: Any, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(data, indent=indent, default=str) + "\n")
 
 
+def temp_dir_beside(path: Path, prefix: str = "") -> Path:
+    """A new empty folder beside ``path`` (same file system, so it can be renamed into place), with the permissions
+    the umask gives (``mkdtemp`` makes it 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path, prefix: str = "", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; after the block, it takes ``path``'s place (or is removed).
@@ -81,8 +89,7 @@ def atomic_dir(path: Path, prefix: str = "", replace: bool = True) -> Iterator[P
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{path.name}.tmp-", dir=path.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())
+        tmp = temp_dir_beside(path, prefix)
     except OSError as e:
         raise _unwritable(path, e) from None
     try:

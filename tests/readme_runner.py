@@ -18,10 +18,8 @@ variable a line assigns (`KEY=$(sdloop keys create ...)`) is exported and kept f
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import signal
 import subprocess
 import time
 import urllib.error
@@ -29,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from serve_support import stop_server
 
 SKIP_MARKERS = ("needs a GPU", "needs a hub download", "needs a docker", "needs your own")
 SERVER_PATTERNS = (
@@ -199,18 +199,12 @@ class Shell:
                       time.monotonic() - began)
 
     def stop_servers(self, key: object = None) -> list[int]:
-        """SIGTERM the servers this shell started (all, or the one under `key`; SIGKILL after 30 s); exit codes."""
+        """Stop the servers this shell started (all, or the one under `key`) as the suite stops any; exit codes."""
         codes = []
         for entry in [e for e in self.servers if key is None or e[0] == key]:
             _, process, handle = entry
             self.servers.remove(entry)
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            stop_server(process)  # each command exec'd into its server, so its PID is the server's
             handle.close()
             codes.append(process.returncode)
         return codes
